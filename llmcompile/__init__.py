@@ -1,0 +1,56 @@
+"""llmcompile: a declarative torch.compile plugin that makes LLM inference cheaper.
+
+    model.forward = torch.compile(model.forward, backend="llmcompile",
+                                  options={"recipe": "default"})
+
+Public API (everything else may move):
+  compile, explain          -- compile a model / callable, or report what the rules would do
+  Recipe, RecipeError, load_recipe, presets
+  Rule, RuleSet, Reject, Match, UserRules   -- write your own rules
+  ops                       -- the fused ops rules introduce (torch.ops.llmcompile.*)
+  testing                   -- check_rewrite / assert_declines for rule unit tests
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from . import ops
+from .pipeline import Report, UserRules
+from .recipe import PassConfig, Recipe, RecipeError, presets
+from .recipe import resolve_recipe as load_recipe
+from .rules import Match, Reject, Rule, RuleSet
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Match", "PassConfig", "Recipe", "RecipeError", "Reject", "Report", "Rule", "RuleSet",
+    "UserRules", "compile", "explain", "load_recipe", "ops", "presets",
+]
+
+
+def compile(model: Any, recipe: Any = None, *, target: str | None = None, **torch_compile_kwargs):
+    """``torch.compile(model, backend="llmcompile")``, validating the recipe eagerly.
+
+    Recipe errors raise here, before anything is traced.
+    """
+    import torch
+
+    options: dict[str, Any] = {"recipe": load_recipe(recipe)}
+    if target is not None:
+        options["target"] = target
+    from .backend import parse_options
+
+    parse_options(options)
+    return torch.compile(model, backend="llmcompile", options=options, **torch_compile_kwargs)
+
+
+def explain(model: Any, recipe: Any = None, example_inputs: Any = None) -> list[Report]:
+    """Run the pipeline on ``model`` and return per-graph reports (rules fired, near misses).
+
+    ``model`` is an ``nn.Module`` (a causal LM is fed a short prompt by default), a tiny
+    architecture name (``"llama"``), or a transformers folder path.
+    """
+    from .explain import explain as _explain
+
+    return _explain(model, recipe, example_inputs)

@@ -1,0 +1,88 @@
+"""Every private torch API llmcompile uses, in one place (torch 2.11 – 2.13).
+
+Keep this module small: if a torch release moves one of these, only this file changes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch.fx.experimental.proxy_tensor import make_fx
+
+try:  # public home since 2.5; keep the fallback for older nightlies
+    from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
+except ImportError:  # pragma: no cover - torch < 2.5 is not supported
+    raise ImportError("llmcompile needs torch>=2.11 (torch._inductor.custom_graph_pass)") from None
+
+from torch._inductor.compile_fx import compile_fx as _compile_fx
+from torch.fx.experimental.symbolic_shapes import statically_known_true
+
+__all__ = [
+    "CustomGraphPass",
+    "compile_fx",
+    "detect_fake_mode",
+    "fake_mode_for",
+    "get_hash_for_files",
+    "inductor_config",
+    "mode_options",
+    "no_tracing_context",
+    "same_shape",
+    "trace_aten",
+]
+
+inductor_config = torch._inductor.config
+
+
+def detect_fake_mode(values: Sequence[Any]):
+    """The fake mode (with its shape environment) that ``values`` belong to, or None."""
+    return torch._guards.detect_fake_mode(values)
+
+
+def fake_mode_for(values: Sequence[Any]):
+    """Dynamo's own fake mode if the values carry one, else a fresh one with a shape env."""
+    mode = detect_fake_mode(values)
+    if mode is not None:
+        return mode
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.symbolic_shapes import ShapeEnv
+
+    return FakeTensorMode(shape_env=ShapeEnv(), allow_non_fake_inputs=True)
+
+
+def trace_aten(fn: Callable, args: Sequence[Any], fake_mode) -> fx.GraphModule:
+    """Trace ``fn`` to the normalized pre-dispatch ATen IR (linear, SDPA, silu survive).
+
+    ``args`` are fake tensors of ``fake_mode`` (or scalars); nodes get ``meta["val"]`` in the
+    same symbols, and ``nn_module_stack`` survives when ``fn`` runs an ``fx.Interpreter``.
+    """
+    ctx = fake_mode if fake_mode is not None else contextlib.nullcontext()
+    with ctx, fx.traceback.preserve_node_meta():
+        return make_fx(fn, pre_dispatch=True, tracing_mode="fake")(*args)
+
+
+def compile_fx(gm: fx.GraphModule, example_inputs: Sequence[Any], config_patches=None):
+    """Inductor's entry point that accepts a pre-dispatch graph (it runs AOTAutograd)."""
+    return _compile_fx(gm, list(example_inputs), config_patches=config_patches or {})
+
+
+def mode_options(mode: str | None) -> dict[str, Any]:
+    """Inductor config patches for a ``torch.compile`` mode name."""
+    if mode in (None, "default"):
+        return {}
+    return dict(torch._inductor.list_mode_options(mode))
+
+
+def no_tracing_context():
+    """Run ``torch.export`` inside a backend without polluting Dynamo's guards."""
+    return torch._guards.tracing(None)
+
+
+def same_shape(a: Sequence, b: Sequence) -> bool:
+    """True when two (possibly symbolic) shapes are provably equal."""
+    if len(a) != len(b):
+        return False
+    return all(statically_known_true(x == y) for x, y in zip(a, b))

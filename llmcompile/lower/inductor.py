@@ -1,0 +1,82 @@
+"""Lowering to TorchInductor.
+
+The rewritten pre-dispatch graph goes to ``compile_fx`` (which runs AOTAutograd, decomposes our
+composite ops and fuses them). Rules a recipe places at ``post_grad`` run inside Inductor as a
+``CustomGraphPass`` whose ``uuid()`` hashes the pass sources and the recipe, chained after any
+pass another library already installed (never replacing it).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+from collections.abc import Sequence
+from typing import Any
+
+import torch.fx as fx
+
+from .. import _compat
+from ..canonicalize import canonicalize
+from ..program import Program
+from ..rewrite import Stats, apply_rules
+from ..rules import RuleSet
+
+__all__ = ["PostGradRules", "compile_inductor", "plain_inductor"]
+
+
+class PostGradRules(_compat.CustomGraphPass):
+    """Applies rules to Inductor's post-grad ATen graph, then calls the pass it chains to."""
+
+    def __init__(self, rules: RuleSet, fingerprint: str, chained: Any = None):
+        self.rules = rules
+        self.fingerprint = fingerprint
+        self.chained = chained
+        self.stats = Stats()
+
+    def __call__(self, graph: fx.Graph) -> None:
+        module = graph.owning_module
+        fakes = [n.meta.get("val") for n in graph.nodes if n.op == "placeholder"]
+        program = Program(module, fake_mode=_compat.fake_mode_for(fakes))
+        canonicalize(graph)
+        apply_rules(program, self.rules, self.stats)
+        if self.chained is not None:
+            self.chained(graph)
+
+    def uuid(self) -> bytes:
+        h = hashlib.sha256(self.fingerprint.encode())
+        for rule in self.rules:
+            for fn in (rule.pattern_fn, rule.replacement, rule.check):
+                if fn is not None:
+                    h.update(_source(fn).encode())
+        if self.chained is not None:
+            other = self.chained.uuid() if hasattr(self.chained, "uuid") else None
+            if other is None:  # the other library's pass cannot be cached: neither can we
+                return None  # type: ignore[return-value]
+            h.update(other if isinstance(other, bytes) else str(other).encode())
+        return h.digest()
+
+
+def _source(fn) -> str:
+    try:
+        return inspect.getsource(fn)
+    except (OSError, TypeError):
+        return repr(fn)
+
+
+def _patches(mode: str | None, post_grad: RuleSet | None, fingerprint: str) -> dict[str, Any]:
+    patches = _compat.mode_options(mode)
+    if post_grad is not None and len(post_grad):
+        existing = _compat.inductor_config.post_grad_custom_post_pass
+        patches["post_grad_custom_post_pass"] = PostGradRules(post_grad, fingerprint, existing)
+    return patches
+
+
+def compile_inductor(program: Program, example_inputs: Sequence[Any], *, mode: str | None = None,
+                     post_grad: RuleSet | None = None, fingerprint: str = ""):
+    """Compile the rewritten program with Inductor; returns the compiled callable."""
+    return _compat.compile_fx(program.gm, example_inputs, _patches(mode, post_grad, fingerprint))
+
+
+def plain_inductor(gm: fx.GraphModule, example_inputs: Sequence[Any], mode: str | None = None):
+    """What ``torch.compile`` would do without llmcompile (the fallback)."""
+    return _compat.compile_fx(gm, example_inputs, _compat.mode_options(mode))

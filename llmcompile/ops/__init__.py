@@ -1,0 +1,97 @@
+"""Fused ops that rules introduce, defined once: ``torch.ops.llmcompile.*``.
+
+Each op is declared with a schema and its reference implementation registered as the
+``CompositeImplicitAutograd`` kernel. That makes it survive pre-dispatch capture and
+``torch.export`` as one node (so later rules and the ONNX lowering see it), while Inductor's
+``compile_fx`` decomposes it into its reference math and fuses it with its neighbours.
+
+Shapes: activations ``[..., D]``; attention ``q [B, Hq, S, E]``, ``k/v [B, Hkv, T, E]``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = ["add_rms_norm", "attention", "gelu_mul", "rms_norm", "rotary", "silu_mul"]
+
+_lib = torch.library.Library("llmcompile", "DEF")  # noqa: TOR901 - one library, defined here
+
+
+def _define(schema: str, fn) -> None:
+    _lib.define(schema)
+    _lib.impl(schema.split("(")[0], fn, "CompositeImplicitAutograd")
+
+
+def _rms_norm_ref(x: Tensor, weight: Tensor, eps: float, offset: float = 0.0) -> Tensor:
+    # computed in float32 like every reference RMSNorm, then cast back: [..., D]
+    xf = x.float()
+    y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return (y * (weight.float() + offset) if offset else y * weight.float()).to(x.dtype)
+
+
+def _add_rms_norm_ref(x: Tensor, residual: Tensor, weight: Tensor, eps: float, offset: float = 0.0
+                      ) -> tuple[Tensor, Tensor]:
+    s = x + residual
+    return _rms_norm_ref(s, weight, eps, offset), s
+
+
+def _rotary_ref(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    # x [B, H, S, E]; cos/sin broadcast to it; rotate_half pairs (i, i + E/2)
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+def _silu_mul_ref(gate: Tensor, up: Tensor) -> Tensor:
+    return F.silu(gate) * up
+
+
+def _gelu_mul_ref(gate: Tensor, up: Tensor, approximate: str = "none") -> Tensor:
+    return F.gelu(gate, approximate=approximate) * up
+
+
+def _attention_ref(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float,
+                   causal: bool = False, window: int = 0, sinks: int = 0) -> Tensor:
+    """Scaled dot-product attention with a mask *description*.
+
+    ``mask`` (bool, True = attend, or additive float) is applied as given; ``causal`` aligns the
+    diagonal bottom-right (query i of S sees keys up to i + T - S, as with a KV cache); a
+    ``window`` > 0 keeps only the last ``window`` keys of each query, plus the first ``sinks``.
+    """
+    if causal or window > 0:
+        s, t = q.shape[-2], k.shape[-2]
+        qpos = torch.arange(s, device=q.device).unsqueeze(-1) + (t - s)  # [S, 1]
+        kpos = torch.arange(t, device=q.device).unsqueeze(0)  # [1, T]
+        keep = kpos <= qpos if causal else torch.ones_like(kpos, dtype=torch.bool)
+        if window > 0:
+            keep = keep & ((qpos - kpos < window) | (kpos < sinks))
+        mask = keep if mask is None else _combine(mask, keep)
+    # head counts are static in every model; bool() keeps a SymBool from reaching SDPA
+    gqa = bool(q.shape[1] != k.shape[1])
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
+
+
+def _combine(mask: Tensor, keep: Tensor) -> Tensor:
+    if mask.dtype == torch.bool:
+        return mask & keep
+    return mask.masked_fill(~keep, float("-inf"))
+
+
+_define("rms_norm(Tensor x, Tensor weight, float eps, float offset=0.0) -> Tensor", _rms_norm_ref)
+_define("add_rms_norm(Tensor x, Tensor residual, Tensor weight, float eps, float offset=0.0)"
+        " -> (Tensor, Tensor)", _add_rms_norm_ref)
+_define("rotary(Tensor x, Tensor cos, Tensor sin) -> Tensor", _rotary_ref)
+_define("silu_mul(Tensor gate, Tensor up) -> Tensor", _silu_mul_ref)
+_define("gelu_mul(Tensor gate, Tensor up, str approximate='none') -> Tensor", _gelu_mul_ref)
+_define("attention(Tensor q, Tensor k, Tensor v, Tensor? mask, float scale, bool causal=False,"
+        " int window=0, int sinks=0) -> Tensor", _attention_ref)
+
+_ops = torch.ops.llmcompile
+rms_norm = _ops.rms_norm
+add_rms_norm = _ops.add_rms_norm
+rotary = _ops.rotary
+silu_mul = _ops.silu_mul
+gelu_mul = _ops.gelu_mul
+attention = _ops.attention
