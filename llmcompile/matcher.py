@@ -62,7 +62,9 @@ class Failure:
 
 def _describe(value: Any) -> str:
     if isinstance(value, fx.Node):
-        return f"%{value.name} ({value.target})" if value.op == "call_function" else f"%{value.name}"
+        if value.op == "call_function":
+            return f"%{value.name} ({value.target})"
+        return f"%{value.name}"
     return repr(value)
 
 

@@ -84,7 +84,7 @@ def _fake_constant(fake_mode, tensor: torch.Tensor):
 
 
 def _clean_module_path(path: str) -> str:
-    """``L['self'].model.layers[0].mlp`` / ``L__self___model_layers_0`` -> ``model.layers.0.mlp``."""
+    """``L['self'].model.layers[0].mlp`` -> ``model.layers.0.mlp``."""
     for prefix in ("L['self'].", "L['self']", "self."):
         if path.startswith(prefix):
             path = path[len(prefix) :]

@@ -1,0 +1,71 @@
+"""``llmcompile explain``: which rules fire on a model, per phase, and why others declined.
+
+Runs capture and the recipe's pipeline exactly as the backend does, but skips lowering, so
+explaining even a 30-layer model takes seconds.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .pipeline import Report, run_pipeline
+from .program import capture_dynamo
+from .recipe import resolve_recipe
+
+__all__ = ["explain", "load_model"]
+
+
+def load_model(spec: Any) -> torch.nn.Module:
+    """An nn.Module from a module, a tiny architecture name, ``smollm2`` or a folder path."""
+    from .models import ARCHITECTURES, load_smollm2, tiny_model
+
+    if isinstance(spec, torch.nn.Module):
+        return spec.eval()
+    spec = str(spec)
+    if spec in ARCHITECTURES:
+        return tiny_model(spec)
+    if spec.lower() in ("smollm2", "smollm2-135m"):
+        return load_smollm2()[0]
+    folder = Path(spec)
+    if folder.is_dir():
+        from transformers import AutoModelForCausalLM
+
+        ggufs = sorted(folder.glob("*.gguf"))
+        kwargs = {"gguf_file": ggufs[0].name} if ggufs else {}
+        return AutoModelForCausalLM.from_pretrained(folder, **kwargs).eval()
+    raise ValueError(f"cannot load model {spec!r}: give an nn.Module, a tiny architecture "
+                     f"({', '.join(sorted(ARCHITECTURES))}), 'smollm2' or a transformers folder")
+
+
+def _default_inputs(model: torch.nn.Module, prompt_len: int) -> dict[str, torch.Tensor]:
+    vocab = getattr(getattr(model, "config", None), "vocab_size", 256)
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, vocab, (1, prompt_len), generator=generator)
+    return {"input_ids": ids, "use_cache": False}
+
+
+def explain(model: Any, recipe: Any = None, example_inputs: Any = None, prompt_len: int = 16
+            ) -> list[Report]:
+    """Reports (one per captured graph) of what ``recipe`` does to ``model``."""
+    recipe = resolve_recipe(recipe)
+    module = load_model(model)
+    reports: list[Report] = []
+
+    def backend(gm, inputs, **_):
+        program = capture_dynamo(gm, inputs)
+        reports.append(run_pipeline(program, recipe))
+        return gm.forward
+
+    torch._dynamo.reset()
+    compiled = torch.compile(module, backend=backend, fullgraph=True)
+    kwargs = example_inputs if example_inputs is not None else _default_inputs(module, prompt_len)
+    with torch.no_grad():
+        if isinstance(kwargs, dict):
+            compiled(**kwargs)
+        else:
+            compiled(*kwargs)
+    torch._dynamo.reset()
+    return reports
