@@ -193,7 +193,8 @@ class Recipe:
         return "\n".join(lines) + "\n"
 
     def fingerprint(self) -> str:
-        return repr(self.to_dict())
+        """Identifies the recipe in cache keys (works for rules given as objects too)."""
+        return f"{self.name}|{self.target}|" + "|".join(p.fingerprint() for p in self.passes)
 
 
 def _looks_like_path(source: str | Path) -> bool:
