@@ -5,7 +5,9 @@ Two spellings of the same math must become the same graph, or a rule misses its 
 * identity ``aten.to`` / ``aten.alias`` nodes (``x.float()`` on a float tensor) are removed —
   the pre-dispatch graph is not functionalized and later uses of a value can hang off them;
 * dimension arguments are written negative (``softmax(x, 3)`` on a 4-d tensor becomes
-  ``softmax(x, -1)``), so a pattern traced at one rank matches a model of another.
+  ``softmax(x, -1)``), so a pattern traced at one rank matches a model of another;
+* ``transpose`` dims are sorted (``x.transpose(-1, -2)`` is ``x.transpose(-2, -1)``);
+* ``dropout`` in inference (``train=False``) is the identity and is removed.
 """
 
 from __future__ import annotations
@@ -97,16 +99,35 @@ def _is_identity(node: fx.Node) -> bool:
     return src_val.dtype == out.dtype and src_val.device == out.device
 
 
+def _is_inference_dropout(node: fx.Node) -> bool:
+    if node.target is not aten.dropout.default:
+        return False
+    args = [*node.args, node.kwargs.get("p"), node.kwargs.get("train")][:3]
+    return args[2] is False or args[1] == 0.0
+
+
+def _sort_transpose(node: fx.Node) -> None:
+    if getattr(node.target, "overloadpacket", None) is aten.transpose and len(node.args) == 3:
+        a, b = node.args[1], node.args[2]
+        if isinstance(a, int) and isinstance(b, int) and a > b:
+            node.args = (node.args[0], b, a)
+
+
 def canonicalize(graph: fx.Graph) -> int:
     """Rewrite ``graph`` in place into canonical form; returns how many nodes were removed."""
     removed = 0
     for node in list(graph.nodes):
         if node.op != "call_function":
             continue
-        if _is_identity(node):
+        if _is_identity(node) or _is_inference_dropout(node):
             node.replace_all_uses_with(node.args[0])
             graph.erase_node(node)
             removed += 1
             continue
+        if node.target is aten._assert_tensor_metadata.default and not node.users:
+            graph.erase_node(node)  # export's dtype checks: static facts, already in meta
+            removed += 1
+            continue
         _normalize_dims(node)
+        _sort_transpose(node)
     return removed

@@ -150,7 +150,9 @@ class Pattern:
 
 
 def _collect(value: Any, seen: set) -> None:
-    if isinstance(value, (list, tuple)):
+    if isinstance(value, Mapping):  # keyword arguments
+        _collect(list(value.values()), seen)
+    elif isinstance(value, (list, tuple)):
         for v in value:
             _collect(v, seen)
     elif isinstance(value, (int, float)) and not isinstance(value, bool):

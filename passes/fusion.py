@@ -8,9 +8,10 @@ from typing import ClassVar
 from llmcompile.recipe import PassConfig, RecipeError
 from llmcompile.rules import RuleSet
 
-from . import fuse_norm
+from . import fuse_attention, fuse_norm
 
-RULES = RuleSet("fusion", [*fuse_norm.RULES])
+#: order matters within a sweep: attention first, then norms (add + norm after norm)
+RULES = RuleSet("fusion", [*fuse_attention.RULES, *fuse_norm.RULES])
 
 
 @dataclass(frozen=True)
