@@ -120,11 +120,14 @@ class Report:
                 out[name] = out.get(name, 0) + s.fired
         return out
 
-    def format(self, misses: int = 3) -> str:
+    def format(self, misses: int = 3, quiet: bool = True) -> str:
+        """A readable summary; ``quiet`` hides rules that neither fired nor nearly matched."""
         lines = [f"recipe {self.recipe!r}"]
         for run in self.runs:
             lines.append(f"  [{run.phase}] {run.name}  ({run.seconds * 1000:.0f} ms)")
             for name, s in run.stats.rules.items():
+                if quiet and not s.fired and not s.near_misses:
+                    continue
                 lines.append(f"      {name:<28} fired {s.fired:>4}")
                 for node, why in s.near_misses[:misses]:
                     lines.append(f"          near miss at %{node}: {why}")
