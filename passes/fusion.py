@@ -8,10 +8,18 @@ from typing import ClassVar
 from llmcompile.recipe import PassConfig, RecipeError
 from llmcompile.rules import RuleSet
 
-from . import fuse_attention, fuse_norm
+from . import fuse_attention, fuse_glu, fuse_norm, fuse_projections, fuse_rotary
 
-#: order matters within a sweep: attention first, then norms (add + norm after norm)
-RULES = RuleSet("fusion", [*fuse_attention.RULES, *fuse_norm.RULES])
+#: Rules apply in this order within each sweep of the fixed point: attention first (its
+#: patterns span the most ops); the norms before add + norm (which matches the fused norm);
+#: three-way projections before two-way ones (a Q/K/V triple becomes one GEMM).
+RULES = RuleSet("fusion", [
+    *fuse_attention.RULES,
+    *fuse_norm.RULES,
+    *fuse_rotary.RULES,
+    *fuse_projections.RULES,
+    *fuse_glu.RULES,
+])
 
 
 @dataclass(frozen=True)
