@@ -6,6 +6,8 @@
                                                                                  offset)
 
 The first is Llama's spelling (also Qwen2, Mistral, Phi-3), the second Gemma's ``(1 + w)``.
+In half precision both normalize in float32 and cast back (``*_bf16``, ``*_fp16`` variants);
+Llama casts before scaling by ``w``, the fused op after (one rounding instead of two).
 ``rmsnorm_offset`` runs first: otherwise ``rmsnorm`` would match Gemma too, with ``w + 1`` as
 its weight (still correct, but the offset would hide in a folded constant). ``add_rmsnorm``
 matches the *fused* op, so it composes with both spellings and runs after them.
@@ -29,6 +31,23 @@ def rmsnorm(x, w, eps: float):
 
 def rmsnorm_offset(x, w, eps: float, offset: float):
     return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * (w + offset)
+
+
+def rmsnorm_upcast(dtype: torch.dtype):
+    """LlamaRMSNorm on a half-precision x: statistics in float32, cast back, then scale."""
+    def pattern(x, w, eps: float):
+        xf = x.to(torch.float32)
+        return w * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(dtype)
+    return pattern
+
+
+def rmsnorm_offset_upcast(dtype: torch.dtype):
+    """GemmaRMSNorm on a half-precision x: all in float32, cast back at the end."""
+    def pattern(x, w, eps: float, offset: float):
+        xf = x.float()
+        y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+        return (y * (w.float() + offset)).type_as(x)
+    return pattern
 
 
 def add_rmsnorm(x, residual, w, eps: float, offset: float):
@@ -70,8 +89,19 @@ def fused_add(x, residual, w, eps: float, offset: float):
     return ops.add_rms_norm(x, residual, w, eps, offset)
 
 
+def _half(dtype: torch.dtype) -> dict:
+    return {name: torch.randn(*shape, dtype=dtype) for name, shape in _EXAMPLE.items()}
+
+
+_HALF = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+# the half-precision forms first: the float32 forms match inside them (between the casts)
 RULES = RuleSet("norms", [
+    *(Rule(f"rmsnorm_offset_{n}", rmsnorm_offset_upcast(dt), fused_offset, check=_norm_check,
+           example=_half(dt)) for n, dt in _HALF.items()),
     Rule("rmsnorm_offset", rmsnorm_offset, fused_offset, check=_norm_check, example=_EXAMPLE),
+    *(Rule(f"rmsnorm_{n}", rmsnorm_upcast(dt), fused, check=_norm_check, example=_half(dt))
+      for n, dt in _HALF.items()),
     Rule("rmsnorm", rmsnorm, fused, check=_norm_check, example=_EXAMPLE),
     Rule("add_rmsnorm", add_rmsnorm, fused_add, check=_add_check,
          example={**_EXAMPLE, "residual": (2, 3, 8)}),

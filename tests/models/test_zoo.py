@@ -71,3 +71,16 @@ def test_static_cache_generation_matches_eager():
             got = model.generate(ids, **kwargs)
     assert torch.equal(got, want)
     assert reports and all(r.fired("rmsnorm") == 5 for r in reports)
+
+
+def test_bf16_llama_fuses_half_precision_norms():
+    model = tiny_model("llama").to(torch.bfloat16)
+    ids = torch.randint(3, 200, (1, 8), generator=torch.Generator().manual_seed(0))
+    compiled = torch.compile(model.forward, backend="llmcompile", fullgraph=True,
+                             options=OPTIONS)
+    with torch.no_grad(), collect_reports() as reports:
+        got = compiled(input_ids=ids, use_cache=False).logits
+        want = model(input_ids=ids, use_cache=False).logits
+    torch.testing.assert_close(got, want, rtol=3e-2, atol=3e-2)
+    fired = {name: n for name, n in reports[0].counts().items() if n}
+    assert fired == {**{k: v for k, v in LLAMA.items() if k != "rmsnorm"}, "rmsnorm_bf16": 5}

@@ -14,7 +14,9 @@ def llama_norm(x, w):
 
 
 def gemma_norm(x, w):
-    out = x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + EPS)
+    # GemmaRMSNorm.forward: _norm(x.float()) * (1.0 + w.float()), cast back
+    xf = x.float()
+    out = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + EPS)
     return (out * (1.0 + w.float())).type_as(x)
 
 
@@ -85,3 +87,38 @@ def test_add_rmsnorm_declines_broadcasting_add():
 
     assert_declines(RULES, before, inputs((2, 5, 64), (64,), (64,)), rule="add_rmsnorm",
                     reason="broadcasts")
+
+
+def llama_norm_half(x, w):
+    # LlamaRMSNorm.forward on a bfloat16 input: float32 statistics, cast back, then scale
+    xf = x.to(torch.float32)
+    return w * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + EPS)).to(x.dtype)
+
+
+def test_rmsnorm_bf16_llama_spelling():
+    def expected(x, w):
+        return ops.rms_norm(x, w, EPS)
+
+    x, w = (t.bfloat16() for t in inputs((2, 5, 64), (64,)))
+    # the fused op scales in float32 and rounds once; Llama rounds before scaling too
+    check_rewrite(RULES, llama_norm_half, expected, (x, w), count={"rmsnorm_bf16": 1},
+                  rtol=1.6e-2, atol=1.6e-2)
+
+
+def test_rmsnorm_bf16_gemma_spelling():
+    def expected(x, w):
+        return ops.rms_norm(x, w, EPS, 1.0)
+
+    x, w = (t.bfloat16() for t in inputs((2, 5, 64), (64,)))
+    check_rewrite(RULES, gemma_norm, expected, (x, w),
+                  count={"rmsnorm_offset_bf16": 1, "rmsnorm_offset": 0})
+
+
+def test_rmsnorm_fp16_declines_runtime_eps():
+    def before(x, w, eps):
+        xf = x.to(torch.float32)
+        return w * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+    x, w = (t.half() for t in inputs((2, 5, 64), (64,)))
+    assert_declines(RULES, before, (x, w, torch.tensor(1e-5)), rule="rmsnorm_fp16",
+                    reason="eps is not a compile-time constant")
