@@ -29,20 +29,32 @@ __all__ = [
 ]
 
 
-def compile(model: Any, recipe: Any = None, *, target: str | None = None, **torch_compile_kwargs):
+def compile(model: Any, recipe: Any = None, *, target: str | None = None,
+            tokenizer: Any = None, **torch_compile_kwargs):
     """``torch.compile(model, backend="llmcompile")``, validating the recipe eagerly.
 
-    Recipe errors raise here, before anything is traced.
+    Recipe errors raise here, before anything is traced. ``tokenizer`` (or its path) is used by
+    calibrated passes; when omitted it is looked up from a transformers model's config.
     """
     import torch
 
     options: dict[str, Any] = {"recipe": load_recipe(recipe)}
     if target is not None:
         options["target"] = target
+    tokenizer = tokenizer if tokenizer is not None else _tokenizer_path(model)
+    if tokenizer is not None:
+        options["tokenizer"] = tokenizer
     from .backend import parse_options
 
     parse_options(options)
     return torch.compile(model, backend="llmcompile", options=options, **torch_compile_kwargs)
+
+
+def _tokenizer_path(model: Any):
+    """A transformers model's own folder, where its tokenizer usually lives (or None)."""
+    owner = getattr(model, "__self__", model)  # a bound forward -> its module
+    path = getattr(getattr(owner, "config", None), "_name_or_path", "") or ""
+    return path if path and __import__("os").path.isdir(path) else None
 
 
 def explain(model: Any, recipe: Any = None, example_inputs: Any = None) -> list[Report]:

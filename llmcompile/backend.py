@@ -6,6 +6,8 @@
 Options: ``recipe`` (a Recipe, dict, preset name or .toml path), ``target`` (overrides the
 recipe's), ``fallback`` (default True: a graph the pipeline cannot handle is compiled by plain
 Inductor with one logged warning; False raises instead), ``debug`` (log the pass report).
+``tokenizer`` (a tokenizer or its path) tokenizes calibration text for calibrated passes.
+Target ``eager`` runs the rewritten graph without Inductor (debugging, quick quality checks).
 Recipe mistakes always raise, before any graph is compiled.
 """
 
@@ -30,7 +32,7 @@ log = logging.getLogger("llmcompile")
 
 __all__ = ["OPTIONS", "llmcompile_backend", "collect_reports"]
 
-OPTIONS = ("recipe", "target", "fallback", "debug")
+OPTIONS = ("recipe", "target", "fallback", "debug", "tokenizer")
 
 _collector: contextvars.ContextVar[list | None] = contextvars.ContextVar("llmc_reports",
                                                                            default=None)
@@ -59,7 +61,7 @@ def parse_options(options: Mapping[str, Any] | None) -> tuple[Recipe, dict[str, 
     recipe = resolve_recipe(options.get("recipe"))
     if "target" in options:
         recipe = dataclasses.replace(recipe, target=options["target"])
-    flags = {"fallback": options.get("fallback", True),
+    flags = {"fallback": options.get("fallback", True), "tokenizer": options.get("tokenizer"),
              "debug": options.get("debug", os.environ.get("LLMCOMPILE_DEBUG", "") not in ("",
                                                                                            "0"))}
     for key in ("fallback", "debug"):
@@ -90,6 +92,7 @@ def llmcompile_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], *,
     recipe, flags = parse_options(options)
     try:
         program = capture_dynamo(gm, example_inputs)
+        program.context["tokenizer"] = flags["tokenizer"]
         report = run_pipeline(program, recipe)
     except RecipeError:
         raise
@@ -102,6 +105,8 @@ def llmcompile_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], *,
     sink = _collector.get()
     if sink is not None:
         sink.append(report)
+    if recipe.target == "eager":
+        return program.gm
     try:
         return compile_inductor(program, example_inputs, mode=mode,
                                 post_grad=_post_grad_rules(recipe),

@@ -53,6 +53,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("name", nargs="?")
     p.set_defaults(func=_recipes)
 
+    from . import quality
+
+    p = sub.add_parser("quality", help="perplexity of recipes on held-out text")
+    quality.add_arguments(p)
+    p.set_defaults(func=quality.main)
+
     try:
         from . import bench
     except ImportError:  # bench is optional at import time only if its deps are missing

@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
 
+import torch
+
 from .canonicalize import canonicalize
 from .fold import eliminate_dead_code, fold_weights
 from .program import Program
@@ -25,6 +27,7 @@ from .rewrite import Stats
 from .rules import RuleSet
 
 log = logging.getLogger("llmcompile")
+aten_embedding = torch.ops.aten.embedding.default
 
 __all__ = ["PHASES", "PassRun", "Report", "UserRules", "pass_registry", "run_pipeline"]
 
@@ -90,8 +93,9 @@ class UserRules(PassConfig):
 def pass_registry() -> dict[str, type[PassConfig]]:
     """Every pass a recipe may name. The one place passes are registered."""
     from .passes.fusion import FuseConfig
+    from .passes.quantize import QuantizeConfig
 
-    return {c.name: c for c in (FuseConfig, UserRules)}
+    return {c.name: c for c in (FuseConfig, QuantizeConfig, UserRules)}
 
 
 @dataclass
@@ -109,6 +113,8 @@ class Report:
     recipe: str
     runs: list[PassRun] = field(default_factory=list)
     folded: int = 0
+    #: bytes of weights the rewritten graph reads (packed constants + weights still used)
+    weight_bytes: int = 0
 
     def fired(self, rule: str) -> int:
         return sum(r.stats.fired(rule) for r in self.runs)
@@ -159,14 +165,31 @@ def run_pipeline(program: Program, recipe: Recipe) -> Report:
         start = time.perf_counter()
         stats = Stats()
         config.run(program, stats)
+        report.folded += fold_weights(program)  # later phases see folded weights as weights
         report.runs.append(PassRun(config.phase, config.name, stats,
                                    time.perf_counter() - start))
         _dump(program, f"{config.phase}-{config.name}", i)
-    report.folded = fold_weights(program)
+    report.folded += fold_weights(program)
     eliminate_dead_code(program.graph)
     program.recompile()
+    report.weight_bytes = _weight_bytes(program)
     _dump(program, "cleanup", len(recipe.passes) + 1)
     return report
+
+
+def _weight_bytes(program: Program) -> int:
+    seen: set[int] = set()
+    total = 0
+    for node in program.graph.nodes:
+        if not node.users or not program.is_weight(node):
+            continue
+        if all(u.target is aten_embedding and u.args[0] is node for u in node.users):
+            continue  # a gather reads a few rows, not the table
+        tensor = program.weight(node)
+        if tensor is not None and id(tensor) not in seen:
+            seen.add(id(tensor))
+            total += tensor.numel() * tensor.element_size()
+    return total
 
 
 def config_fields(config: type[PassConfig]) -> list[str]:

@@ -32,6 +32,10 @@ class Program:
     #: node name -> module path of the weight ("model.layers.0.mlp.up_proj.weight")
     sources: dict[str, str] = field(default_factory=dict)
     fake_mode: Any = None
+    #: the real inputs of the call being compiled (calibration reruns the graph on them)
+    example_inputs: list | None = None
+    #: what passes may need beyond the graph (e.g. ``tokenizer`` for calibration)
+    context: dict[str, Any] = field(default_factory=dict)
     _const_ids: itertools.count = field(default_factory=itertools.count, repr=False)
 
     @property
@@ -139,7 +143,7 @@ def capture_dynamo(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Program
         return fx.Interpreter(gm).run(*args)
 
     traced = _compat.trace_aten(run, fake_vals, fake_mode)
-    program = Program(traced, fake_mode=fake_mode)
+    program = Program(traced, fake_mode=fake_mode, example_inputs=list(example_inputs))
     new_placeholders = [n for n in traced.graph.nodes if n.op == "placeholder"]
     mutated = mutated_inputs(traced.graph)
     for old, new, real in zip(placeholders, new_placeholders, example_inputs):

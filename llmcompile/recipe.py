@@ -30,7 +30,7 @@ from .rules import RuleSet
 
 __all__ = ["PassConfig", "Recipe", "RecipeError", "TARGETS", "presets", "resolve_recipe"]
 
-TARGETS = ("inductor",)
+TARGETS = ("inductor", "eager")
 
 
 class RecipeError(ValueError):

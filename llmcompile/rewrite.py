@@ -85,8 +85,12 @@ def _replacement_args(rule: Rule, match: Match, extra: dict[str, Any]):
     """Split the replacement's parameters into graph inputs (tensors) and constants."""
     tensors: list[tuple[str, fx.Node]] = []
     constants: dict[str, Any] = {}
-    for name in inspect.signature(rule.replacement).parameters:
-        if name in extra:
+    for name, param in inspect.signature(rule.replacement).parameters.items():
+        if name not in extra and name not in match.binds and param.default is not param.empty:
+            continue  # optional parameter the match does not provide: keep its default
+        if name in extra and isinstance(extra[name], torch.Tensor):
+            tensors.append((name, extra[name]))  # a compile-time tensor: becomes a constant
+        elif name in extra:
             constants[name] = extra[name]
         elif name not in match.binds:
             raise TypeError(f"replacement of rule {rule.name!r} has parameter {name!r} that the "
@@ -158,7 +162,7 @@ def _rewrite(program: Program, rule: Rule, match: Match, extra: dict[str, Any]) 
     tensors, constants = args
     order = list(program.graph.nodes)
     pos = {n: i for i, n in enumerate(order)}
-    inputs = [node for _, node in tensors]
+    inputs = [node for _, node in tensors if isinstance(node, fx.Node)]
     # insert at the first matched node, or just after the last input if that comes later;
     # either way before the first user of any replaced output
     uses = [pos[u] for o in match.outputs for u in o.users]
@@ -166,8 +170,11 @@ def _rewrite(program: Program, rule: Rule, match: Match, extra: dict[str, Any]) 
     if uses and last_input >= min(uses):
         return "an input of the replacement is computed after a use of the matched value"
     where = order[max(min(pos[n] for n in match.nodes), last_input + 1)]
+    with program.graph.inserting_before(where):  # tensors the check computed (packed weights)
+        tensors = [(name, v if isinstance(v, fx.Node) else program.add_constant(v, rule.name))
+                   for name, v in tensors]
     rep = _trace_replacement(program, rule, tensors, constants)
-    new_outputs = _splice(program, rep, inputs, where, match)
+    new_outputs = _splice(program, rep, [node for _, node in tensors], where, match)
     if len(new_outputs) != len(match.outputs):
         raise ValueError(f"rule {rule.name!r}: replacement returns {len(new_outputs)} values, "
                          f"pattern returns {len(match.outputs)}")

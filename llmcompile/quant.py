@@ -1,0 +1,136 @@
+"""Weight-only quantization math (compile-time, on real weights).
+
+* int8: per-output-channel symmetric, ``w ≈ q * s``, ``q ∈ [-127, 127]``.
+* int4: grouped asymmetric along the input dim, ``w ≈ q * scale + low``, ``q ∈ [0, 15]``.
+* AWQ-style search: per-input-channel scales ``s = mean|x|^α`` (α on a grid, α = 0 is plain
+  round-to-nearest) and a clipping ratio, chosen to minimise ``‖x Wᵀ − x Ŵᵀ‖²`` on calibration
+  activations; ``Ŵ = Q(W·s)/s``, and the graph divides ``x`` by ``s`` at run time.
+* CPU packing for ``aten._weight_int8pack_mm`` / ``aten._weight_int4pack_mm_for_cpu``.
+
+Weights are ``[N, K]`` (out, in) as in ``aten.linear``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+__all__ = ["Int4Weight", "awq_search", "dequantize_int4", "quantize_int4", "quantize_int8"]
+
+
+def quantize_int8(w: Tensor) -> tuple[Tensor, Tensor]:
+    """``(q int8 [N, K], scale float32 [N])`` with ``w ≈ q * scale[:, None]``."""
+    scale = w.abs().amax(dim=1).clamp(min=1e-8) / 127.0
+    q = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8)
+    return q, scale.float()
+
+
+@dataclass
+class Int4Weight:
+    """Grouped asymmetric int4: ``w[n, g*G:(g+1)*G] ≈ q * scale[n, g] + low[n, g]``."""
+
+    q: Tensor  # uint8 values in [0, 15], [N, K]
+    scale: Tensor  # [N, K / G]
+    low: Tensor  # [N, K / G]
+    group_size: int
+
+    def dequantize(self) -> Tensor:
+        n, k = self.q.shape
+        g = self.q.view(n, k // self.group_size, self.group_size).float()
+        return (g * self.scale[..., None] + self.low[..., None]).view(n, k)
+
+    def pack_cpu(self) -> tuple[Tensor, Tensor]:
+        """(packed weight, scales_and_zeros bf16 [K/G, N, 2]) for ``_weight_int4pack_mm_for_cpu``.
+
+        The kernel computes ``w = (q - 8) * scale + zero``, so ``zero = low + 8 * scale``.
+        """
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(self.q.to(torch.int32), 1)
+        zero = self.low + 8.0 * self.scale
+        sz = torch.stack([self.scale, zero], dim=-1).transpose(0, 1).contiguous()
+        return packed, sz.to(torch.bfloat16)
+
+
+def quantize_int4(w: Tensor, group_size: int, clip: float = 1.0) -> Int4Weight:
+    """Round-to-nearest int4 with a float offset per group; ``clip`` shrinks the range."""
+    n, k = w.shape
+    g = w.float().view(n, k // group_size, group_size)
+    hi, lo = g.amax(-1), g.amin(-1)
+    if clip < 1.0:
+        mid = (hi + lo) / 2
+        hi, lo = mid + (hi - mid) * clip, mid + (lo - mid) * clip
+    scale = ((hi - lo) / 15.0).clamp(min=1e-8)
+    q = torch.round((g - lo[..., None]) / scale[..., None]).clamp(0, 15).to(torch.uint8)
+    return Int4Weight(q.view(n, k), scale, lo, group_size)
+
+
+def dequantize_int4(w: Tensor, group_size: int, clip: float = 1.0) -> Tensor:
+    return quantize_int4(w, group_size, clip).dequantize()
+
+
+def _error(x: Tensor, w: Tensor, w_hat: Tensor) -> float:
+    return float((x @ (w_hat - w).T).pow(2).mean())
+
+
+def awq_search(w: Tensor, x_absmean: Tensor, x: Tensor, group_size: int, grid: int = 11,
+               clips: tuple[float, ...] = (1.0, 0.95, 0.9, 0.85)) -> tuple[Tensor, float]:
+    """Best per-input-channel scales ``s [K]`` and clip ratio for int4 on activations ``x``.
+
+    ``x`` is a sample of calibration inputs ``[R, K]``; ``x_absmean`` is ``mean|x|`` per channel
+    over all calibration tokens. α = 0 with clip 1.0 is round-to-nearest, so the result is never
+    worse than RTN on the calibration sample.
+    """
+    w = w.float()
+    x = x.float()
+    base = x_absmean.float().clamp(min=1e-5)
+    best = (_error(x, w, dequantize_int4(w, group_size)), torch.ones_like(base), 1.0)
+    for i in range(grid):
+        alpha = i / (grid - 1)
+        s = base.pow(alpha)
+        s = s / (s.max() * s.min()).sqrt()
+        for clip in clips:
+            err = _error(x, w, dequantize_int4(w * s, group_size, clip) / s)
+            if err < best[0]:
+                best = (err, s, clip)
+    return best[1], best[2]
+
+
+def gptq_int4(w: Tensor, xtx: Tensor, group_size: int, damp: float = 0.01,
+              scales: Tensor | None = None) -> Int4Weight:
+    """GPTQ-style int4: quantize column by column, feeding each column's rounding error back
+    into the columns not yet quantized, weighted by the inverse Hessian ``(XᵀX)⁻¹``.
+
+    ``xtx [K, K]`` is ``Σ xᵀx`` over calibration inputs. Group ranges (scale, low) are taken
+    from the error-corrected weights as each group starts. With ``scales`` (AWQ) the weight is
+    ``W·s`` and the Hessian is that of ``x / s``.
+    """
+    w = w.float().clone()
+    h = xtx.double().clone()
+    if scales is not None:
+        w = w * scales
+        h = h / scales.double()[:, None] / scales.double()[None, :]
+    n, k = w.shape
+    dead = torch.diag(h) == 0
+    h[dead, dead] = 1.0
+    w[:, dead] = 0.0
+    h += damp * torch.diag(h).mean() * torch.eye(k, dtype=h.dtype)
+    hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)),
+                                 upper=True).float()
+    q = torch.zeros(n, k, dtype=torch.uint8)
+    groups = k // group_size
+    scale = torch.zeros(n, groups)
+    low = torch.zeros(n, groups)
+    for i in range(k):
+        g = i // group_size
+        if i % group_size == 0:
+            block = w[:, i: i + group_size]
+            hi, lo = block.amax(1), block.amin(1)
+            scale[:, g] = ((hi - lo) / 15.0).clamp(min=1e-8)
+            low[:, g] = lo
+        col = w[:, i]
+        qi = torch.round((col - low[:, g]) / scale[:, g]).clamp(0, 15)
+        q[:, i] = qi.to(torch.uint8)
+        err = (col - (qi * scale[:, g] + low[:, g])) / hinv[i, i]
+        w[:, i + 1:] -= err[:, None] * hinv[i, i + 1:][None, :]
+    return Int4Weight(q, scale, low, group_size)

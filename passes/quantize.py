@@ -1,0 +1,182 @@
+"""Weight-only quantization of linear layers (lossy: never in the default recipe).
+
+    linear(x, W, b)  ==>  llmcompile.int8_linear(x, q8(W), s, b)                     bits = 8
+    linear(x, W, b)  ==>  llmcompile.int4_linear(x / a, q4(W · a), scales_zeros, G, b)  bits = 4
+
+``W`` must be a model weight (or a folded one, e.g. a fused Q/K/V weight); it is quantized and
+packed once, at compile time. ``a`` are AWQ scales (``method = "awq"``, searched on calibration
+text) or ones (``"rtn"``, round-to-nearest). ``skip`` lists module-path globs kept in float.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import inspect
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Literal
+
+import torch
+import torch.nn.functional as F
+
+from llmcompile import ops, quant
+from llmcompile.calibrate import CalibrationError, calibration_tokens, collect_inputs
+from llmcompile.recipe import PassConfig, RecipeError
+from llmcompile.rewrite import apply_rules
+from llmcompile.rules import Match, Reject, Rule, RuleSet
+
+GROUP_SIZES = (32, 64, 128)
+CALIBRATION_KEYS = {"samples": 16, "seq_len": 256, "text": ""}
+_CACHE: dict[tuple, dict[str, Any]] = {}  # packed weights, shared by the graphs of one model
+
+
+def linear(x, w):
+    return F.linear(x, w)
+
+
+def linear_bias(x, w, b):
+    return F.linear(x, w, b)
+
+
+def int8_replacement(x, wq, scales, b=None):
+    return ops.int8_linear(x, wq, scales, b)
+
+
+def int4_replacement(x, packed, scales_zeros, group_size: int, inv_scale=None, b=None):
+    return ops.int4_linear(x if inv_scale is None else x * inv_scale, packed, scales_zeros,
+                           group_size, b)
+
+
+@dataclass(frozen=True)
+class QuantizeConfig(PassConfig):
+    """int8 per-channel symmetric or int4 grouped asymmetric weight-only quantization."""
+
+    name: ClassVar[str] = "quantize_weights"
+    phase: ClassVar[str] = "quantize"
+    bits: Literal[8, 4] = 8
+    group_size: int = 64
+    method: Literal["rtn", "awq", "gptq", "awq+gptq"] = "rtn"
+    skip: tuple[str, ...] = ()
+    calibration: dict = field(default_factory=dict)
+    seed: int = 0
+
+    def validate(self) -> None:
+        if self.bits == 4 and self.group_size not in GROUP_SIZES:
+            raise RecipeError(f"quantize_weights.group_size: {self.group_size} is not valid; "
+                              f"choose one of {', '.join(map(str, GROUP_SIZES))}")
+        if self.method != "rtn" and self.bits != 4:
+            raise RecipeError(f"quantize_weights.method: {self.method!r} applies to bits = 4; "
+                              "int8 per-channel uses 'rtn'")
+        unknown = set(self.calibration) - set(CALIBRATION_KEYS)
+        if unknown:
+            raise RecipeError(f"quantize_weights.calibration: unknown keys {sorted(unknown)}; "
+                              f"valid: {', '.join(CALIBRATION_KEYS)}")
+        for key in ("samples", "seq_len"):
+            value = self.calibration.get(key, CALIBRATION_KEYS[key])
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise RecipeError(f"quantize_weights.calibration.{key}: expected a positive "
+                                  f"integer, got {value!r}")
+
+    def fingerprint(self) -> str:
+        return repr(self.to_dict())
+
+    def run(self, program, stats) -> None:
+        targets = _eligible(program)
+        paths = {n.name: program.module_path(n) for n in targets}
+        for glob in self.skip:
+            if not any(fnmatch.fnmatchcase(p, glob) for p in paths.values()):
+                raise RecipeError(f"quantize_weights.skip: {glob!r} matches no linear layer; "
+                                  f"layers look like {sorted(set(paths.values()))[:6]}")
+        keep = [n for n in targets if not any(fnmatch.fnmatchcase(paths[n.name], g)
+                                              for g in self.skip)]
+        for node in keep:
+            k = program.weight(node.args[1]).shape[1]
+            if self.bits == 4 and k % self.group_size:
+                valid = [g for g in GROUP_SIZES if k % g == 0]
+                raise RecipeError(f"quantize_weights.group_size: {self.group_size} does not "
+                                  f"divide the input width {k} of {paths[node.name]}; valid "
+                                  f"for this model: {valid or 'none (skip this layer)'}")
+        activations = self._calibrate(program, keep) if self.method != "rtn" else {}
+        apply_rules(program, self._rules({n.name for n in keep}, activations), stats)
+
+    def _calibrate(self, program, nodes) -> dict:
+        cal = {**CALIBRATION_KEYS, **self.calibration}
+        todo = [n for n in nodes if _key(program, n, self) not in _CACHE]
+        if not todo:
+            return {}
+        try:
+            tokens = calibration_tokens(program.context.get("tokenizer"), cal["text"],
+                                        cal["samples"] * cal["seq_len"])
+        except CalibrationError as e:
+            raise RecipeError(str(e)) from None
+        return collect_inputs(program, todo, tokens, seed=self.seed)
+
+    def _rules(self, names: set[str], activations: dict) -> RuleSet:
+        def check(m: Match) -> Reject | dict:
+            if m.anchor.name not in names:
+                return Reject("not selected (skipped, not a 2-d float weight, or no weight)")
+            if self.bits == 4 and m.shape("w")[0] % 16:
+                return Reject(f"output width {m.shape('w')[0]} is not a multiple of 16, which "
+                              "the int4 CPU kernel needs")
+            key = _key(m.program, m.anchor, self)
+            if key not in _CACHE:
+                _CACHE[key] = self._quantize(m.weight("w"), activations.get(m.anchor.name))
+            return dict(_CACHE[key])
+
+        replacement = int8_replacement if self.bits == 8 else int4_replacement
+        name = f"int{self.bits}_linear"
+        return RuleSet(name, [
+            Rule(name, linear, _without_bias(replacement), check=check,
+                 example={"x": (2, 8), "w": (4, 8)}),
+            Rule(f"{name}_bias", linear_bias, replacement, check=check,
+                 example={"x": (2, 8), "w": (4, 8), "b": (4,)}),
+        ])
+
+    def _quantize(self, w: torch.Tensor, act) -> dict[str, Any]:
+        if w.device.type != "cpu":
+            raise RecipeError(f"quantize_weights: packed {self.bits}-bit kernels are wired for "
+                              f"CPU only in this version (weight on {w.device})")
+        if self.bits == 8:
+            q, s = quant.quantize_int8(w.float())
+            return {"wq": q, "scales": s.to(torch.bfloat16)}
+        scales, clip = None, 1.0
+        if act is not None and "awq" in self.method:
+            scales, clip = quant.awq_search(w, act.absmean, act.sample, self.group_size)
+        if act is not None and "gptq" in self.method:
+            wq = quant.gptq_int4(w, act.xtx, self.group_size, scales=scales)
+        else:
+            wq = quant.quantize_int4(w.float() * scales if scales is not None else w.float(),
+                                     self.group_size, clip)
+        packed, sz = wq.pack_cpu()
+        out = {"packed": packed, "scales_zeros": sz, "group_size": self.group_size}
+        if scales is not None:
+            out["inv_scale"] = (1.0 / scales).to(w.dtype)
+        return out
+
+
+def _without_bias(replacement):
+    """The replacement for the bias-free pattern: same parameters, minus ``b``."""
+    def no_bias(x, **kwargs):
+        return replacement(x, **kwargs)
+
+    sig = inspect.signature(replacement)
+    no_bias.__signature__ = sig.replace(
+        parameters=[p for n, p in sig.parameters.items() if n != "b"])
+    return no_bias
+
+
+def _eligible(program) -> list:
+    out = []
+    for node in program.graph.nodes:
+        if node.target is not torch.ops.aten.linear.default or len(node.args) < 2:
+            continue
+        w = node.args[1]
+        tensor = program.weight(w) if program.is_weight(w) else None
+        if tensor is not None and tensor.dim() == 2 and tensor.is_floating_point():
+            out.append(node)
+    return out
+
+
+def _key(program, node, config) -> tuple:
+    w = program.weight(node.args[1])
+    return (program.module_path(node), tuple(w.shape), config.bits, config.group_size,
+            config.method, repr(config.calibration), float(w.double().sum()))

@@ -1,0 +1,120 @@
+"""Weight quantization: packing round trips, error bounds, rewrites, skip lists, config errors."""
+
+import pytest
+import torch
+
+from llmcompile import Recipe, RecipeError, load_recipe, ops, quant
+from llmcompile.explain import explain
+from llmcompile.passes.fusion import FuseConfig
+from llmcompile.passes.quantize import QuantizeConfig
+
+
+def test_int8_round_trip_and_error_bound():
+    w = torch.randn(48, 64)
+    q, s = quant.quantize_int8(w)
+    assert q.dtype == torch.int8 and s.shape == (48,)
+    assert ((q.float() * s[:, None] - w).abs() <= s[:, None] / 2 + 1e-6).all()
+    x = torch.randn(3, 5, 64)
+    want = x @ (q.float() * s[:, None]).T
+    got = ops.int8_linear(x, q, s.to(torch.bfloat16))
+    torch.testing.assert_close(got, want, rtol=2e-2, atol=5e-2)  # bf16 activations
+
+
+@pytest.mark.parametrize("group", [32, 64])
+def test_int4_round_trip_packing_and_error_bound(group):
+    w = torch.randn(48, 128)
+    q4 = quant.quantize_int4(w, group)
+    assert int(q4.q.max()) <= 15
+    err = (q4.dequantize() - w).abs().view(48, -1, group)
+    assert (err <= q4.scale[..., None] / 2 + 1e-5).all()
+    packed, sz = q4.pack_cpu()
+    x = torch.randn(2, 7, 128)
+    torch.testing.assert_close(ops.int4_linear(x, packed, sz, group), x @ q4.dequantize().T,
+                               rtol=2e-2, atol=0.2)  # bf16 activations and scales
+
+
+def _outlier_problem():
+    torch.manual_seed(0)
+    w = torch.randn(64, 128)
+    x = torch.randn(256, 128)
+    x[:, :4] *= 30.0  # a few salient input channels, as in real LLM activations
+    return w, x
+
+
+def test_awq_never_worse_than_rtn_and_helps_on_outliers():
+    w, x = _outlier_problem()
+    rtn = (x @ (quant.dequantize_int4(w, 32) - w).T).pow(2).mean()
+    s, clip = quant.awq_search(w, x.abs().mean(0), x, 32)
+    awq = (x @ (quant.dequantize_int4(w * s, 32, clip) / s - w).T).pow(2).mean()
+    assert awq < 0.8 * rtn
+
+
+def test_gptq_error_feedback_beats_rtn():
+    w, x = _outlier_problem()
+    rtn = (x @ (quant.dequantize_int4(w, 32) - w).T).pow(2).mean()
+    gptq = (x @ (quant.gptq_int4(w, x.T @ x, 32).dequantize() - w).T).pow(2).mean()
+    assert gptq < 0.8 * rtn
+
+
+def _counts(recipe):
+    report = explain("llama", recipe)[0]
+    return report.counts(), report
+
+
+def test_int8_rewrites_every_linear_and_honours_skip():
+    counts, report = _counts(load_recipe("int8"))
+    # 2 layers x (qkv, o, gate_up, down) + lm_head
+    assert counts["int8_linear"] == 9
+    skip = Recipe((FuseConfig(), QuantizeConfig(bits=8, skip=("lm_head", "*.mlp.down_proj"))))
+    counts, _ = _counts(skip)
+    assert counts["int8_linear"] == 6
+
+
+def test_int4_rtn_rewrites_and_packs_once():
+    counts, report = _counts(load_recipe("int4-rtn"))
+    assert counts["int4_linear"] == 8  # lm_head skipped by the preset
+    float_bytes = _counts(load_recipe("default"))[1].weight_bytes
+    assert report.weight_bytes < 0.75 * float_bytes
+
+
+@pytest.mark.parametrize("fields, message", [
+    ({"bits": 3}, "choose one of 8, 4"),
+    ({"bits": 4, "group_size": 48}, "choose one of 32, 64, 128"),
+    ({"bits": 4, "method": "smart"}, "choose one of 'rtn', 'awq', 'gptq', 'awq+gptq'"),
+    ({"bits": 8, "method": "awq"}, "applies to bits = 4"),
+    ({"bits": 4, "calibration": {"samples": 0}}, "positive integer"),
+    ({"bits": 4, "calibration": {"sample": 4}}, "unknown keys ['sample']"),
+    ({"bits": 4, "skip": "lm_head"}, "expected a list"),
+])
+def test_config_errors_name_the_valid_choices(fields, message):
+    with pytest.raises(RecipeError) as info:
+        load_recipe({"passes": [{"name": "quantize_weights", **fields}]})
+    assert message in str(info.value)
+
+
+@pytest.mark.parametrize("fields, message", [
+    ({"bits": 4, "group_size": 128}, "does not divide the input width 64"),
+    ({"bits": 8, "skip": ["decoder.*"]}, "matches no linear layer"),
+    ({"bits": 4, "method": "awq"}, "needs a tokenizer"),
+])
+def test_model_dependent_errors_raise_before_compiling(fields, message):
+    model = __import__("llmcompile.models", fromlist=["tiny_model"]).tiny_model("llama")
+    fn = torch.compile(model.forward, backend="llmcompile",
+                       options={"recipe": {"passes": [{"name": "quantize_weights", **fields}]}})
+    with pytest.raises(Exception, match=message):
+        fn(input_ids=torch.randint(0, 256, (1, 20)))
+
+
+def test_quantized_tiny_llama_stays_close_to_float():
+    from llmcompile.models import tiny_model
+
+    model = tiny_model("llama")
+    ids = torch.randint(0, 256, (1, 24))
+    with torch.no_grad():
+        want = model(input_ids=ids).logits
+        for recipe, tol in (("int8", 0.02), ("int4-rtn", 0.2)):
+            torch._dynamo.reset()
+            fn = torch.compile(model.forward, backend="llmcompile",
+                               options={"recipe": recipe, "fallback": False})
+            got = fn(input_ids=ids).logits
+            assert (got - want).abs().max() < tol * want.abs().max(), recipe
