@@ -1,37 +1,56 @@
 """``llmcompile bench``: prefill latency and decode speed, side by side, in one process.
 
-For each configuration (the ``eager`` and ``inductor`` baselines and any llmcompile recipes) the
-bench takes a fresh copy of the model, compiles ``model.forward`` (``dynamic=False``: the prefill
-of length P and the one-token decode step are two static specializations, compiled once each),
-and drives it by hand with a transformers ``StaticCache`` of ``prompt_len + new_tokens`` slots:
+Configurations: the baselines ``eager``, ``inductor`` (``torch.compile`` with the default
+backend), ``torchao-int8`` and ``torchao-int4`` (torchao weight-only quantization of every
+``nn.Linear``, int8 per channel / int4 in groups of 64, then ``torch.compile`` with Inductor:
+the peers of the ``int8`` / ``int4`` recipes; torchao is imported only when asked for), and
+any llmcompile recipes (``backend="llmcompile"``).
+
+Each configuration gets its own deep copy of the model, compiles its ``forward``
+(``dynamic=False``: the prefill of length P and the one-token decode step are two static
+specializations, compiled once each) and is driven by hand with its own transformers
+``StaticCache`` of ``prompt_len + new_tokens`` slots:
 
 * prefill (TTFT): one forward over the prompt with ``cache_position = arange(P)``, then the
   argmax of the last logits (the first new token);
 * decode (TPOT): ``new_tokens - 1`` one-token forwards, each fed the previous greedy token and
   timed on its own (forward + argmax).
 
-Every configuration first runs ``warmup`` (at least 2) untimed full generations (compilation,
-first-touch memory, a possible second specialization), then ``repeats`` timed ones. Reported:
-the median prefill time over repeats, the median per-token decode latency over all timed steps,
-and ``decode_tokens_per_s = 1 / median step latency``. ``compile_s`` is the wall time of the
+Method (interleaved): timing one configuration after the other is biased on CPU (the same
+configuration timed later in a process was measured up to ~35% slower), so the bench
+
+1. builds every configuration first: copy, quantize (torchao), compile, ``warmup`` (at least
+   2) untimed full generations each. All configurations stay in memory, each with its own
+   compiled callable; Dynamo is reset once, before the first, never between them (its
+   recompile limit is raised so that the copies' cache entries all fit);
+2. runs one untimed interleaved round (every configuration once), then ``repeats`` timed
+   rounds; each round runs every configuration once, the order rotated by one each round.
+
+Reported per configuration: ``prefill_ms``, the median over rounds of the prefill time;
+``decode_ms_per_token``, the median over rounds of the round's median step latency, and
+``decode_tokens_per_s = 1000 / decode_ms_per_token``. ``compile_s`` is the wall time of the
 warm-up runs minus ``warmup`` times the median timed run (clamped at 0): time spent compiling
-and warming up, beyond what running would have cost (``warmup_overhead_s`` holds the same
-figure for every configuration; eager's ``compile_s`` is 0). Dynamo's graph count is checked around
-the timed runs; a graph compiled while timing is a recompile, recorded and warned about.
+and warming up beyond what running would have cost (``warmup_overhead_s`` holds the same
+figure for every configuration; eager's ``compile_s`` is 0). Dynamo's graph count is checked
+around every timed run; a graph compiled while timing is a recompile, recorded and warned
+about.
 
 Greedy tokens of each configuration are compared with eager's (``tokens_match``); the bench
 records the result and never asserts it.
 
-Memory bandwidth is measured in the same process, before the models run: the median over
-repeats of ``x.sum()`` over a float32 tensor of ``bandwidth_mb`` MiB (bytes read / seconds:
-``read_GBps``), and of ``y.copy_(x)`` (2 x bytes / seconds: ``copy_GBps``). Decode streams the
-weights read-only, so Model Bandwidth Utilization uses the read figure::
+Memory bandwidth is measured in the same process, before the models are built: the median
+over repeats of ``x.sum()`` over a float32 tensor of ``bandwidth_mb`` MiB (bytes read /
+seconds: ``read_GBps``), and of ``y.copy_(x)`` (2 x bytes / seconds: ``copy_GBps``). Decode
+streams the weights read-only, so Model Bandwidth Utilization uses the read figure::
 
     MBU = weight_bytes x decode_tokens_per_s / (read_GBps x 1e9)
 
-``weight_bytes`` counts the model's parameters once each (tied embeddings once) at the
-benchmark dtype; a quantizing recipe reads fewer bytes, so its MBU is relative to the
-unquantized weights.
+``weight_bytes`` is per configuration: for an llmcompile recipe, the largest
+``Report.weight_bytes`` of its compiled graphs (the weights the rewritten graph reads, packed
+quantized constants included); otherwise the model's parameter bytes at the benchmark dtype,
+each storage once (tied weights once; tensor subclasses such as torchao's by their inner
+tensors), without the input embedding table unless it is tied to the LM head (decoding
+gathers one row of it, it does not stream it).
 
 If ``TORCHINDUCTOR_CACHE_DIR`` is unset, the bench points it at a fresh private temporary
 folder, so compile times are cold compiles and no other process's cache is read or written.
@@ -57,11 +76,18 @@ from typing import Any
 
 import torch
 
-__all__ = ["BASELINES", "add_arguments", "format_table", "main", "measure_bandwidth",
-           "run_bench", "weight_bytes"]
+__all__ = ["BASELINES", "DEFAULT_BASELINES", "METHOD", "add_arguments", "format_table", "main",
+           "measure_bandwidth", "run_bench", "weight_bytes"]
 
-BASELINES = ("eager", "inductor")
+BASELINES = ("eager", "inductor", "torchao-int8", "torchao-int4")
+DEFAULT_BASELINES = ("eager", "inductor")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+TORCHAO_INT4_GROUP = 64
+METHOD = ("interleaved: every configuration built, compiled and warmed up first (own model copy "
+          "and StaticCache, all held at once, Dynamo reset once before the first); one untimed "
+          "interleaved round; then {repeats} timed rounds, each running every configuration "
+          "once, order rotated by one per round; prefill_ms = median over rounds, "
+          "decode_ms_per_token = median over rounds of the round's median step latency")
 
 _PROMPT_TEXT = (
     "The history of computing is a story of abstractions built one on top of another. "
@@ -88,16 +114,41 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _storages(t: torch.Tensor) -> list[tuple[tuple[int, int, int], int]]:
+    """((storage address, offset, numel), bytes) of a tensor, or of a wrapper subclass's
+    inner tensors (torchao's quantized weights)."""
+    from torch.utils._python_dispatch import is_traceable_wrapper_subclass
+
+    if is_traceable_wrapper_subclass(t):
+        names, _ = t.__tensor_flatten__()
+        return [s for n in names for s in _storages(getattr(t, n))]
+    key = (t.untyped_storage().data_ptr(), t.storage_offset(), t.numel())
+    return [(key, t.numel() * t.element_size())]
+
+
 def weight_bytes(model: torch.nn.Module) -> int:
-    """Bytes of the model's parameters, each storage counted once (tied weights once)."""
-    seen: set[tuple[int, int]] = set()
+    """Bytes of weights one decode step streams: the model's parameters, each storage once
+    (tied weights once), without the input embedding table unless it is tied to the LM head
+    (decoding gathers one row of it). Tensor subclasses count their inner tensors."""
+    skip: set[tuple[int, int, int]] = set()
+    try:
+        emb, head = model.get_input_embeddings(), model.get_output_embeddings()
+    except (AttributeError, NotImplementedError):
+        emb = head = None
+    emb_w = getattr(emb, "weight", None)
+    if isinstance(emb_w, torch.Tensor):
+        emb_keys = {k for k, _ in _storages(emb_w)}
+        head_w = getattr(head, "weight", None)
+        head_keys = {k for k, _ in _storages(head_w)} if isinstance(head_w, torch.Tensor) else set()
+        if not emb_keys & head_keys:
+            skip = emb_keys
+    seen: set[tuple[int, int, int]] = set(skip)
     total = 0
     for p in model.parameters():
-        key = (p.untyped_storage().data_ptr(), p.storage_offset())
-        if key in seen:
-            continue
-        seen.add(key)
-        total += p.numel() * p.element_size()
+        for key, nbytes in _storages(p):
+            if key not in seen:
+                seen.add(key)
+                total += nbytes
     return total
 
 
@@ -239,31 +290,110 @@ class _LogCapture(logging.Handler):
         self.messages.append(record.getMessage().splitlines()[0][:300])
 
 
+def _torchao_quantize(net: torch.nn.Module, name: str) -> str:
+    """Quantize ``net``'s linear weights in place with torchao; returns the config used."""
+    try:
+        import torchao
+        from torchao.quantization import quantize_
+    except ImportError as e:
+        raise RuntimeError(f"{name} needs torchao, which is not importable ({e}); "
+                           "pip install torchao") from e
+    if name == "torchao-int8":
+        from torchao.quantization import Int8WeightOnlyConfig
+
+        config = Int8WeightOnlyConfig(set_inductor_config=False)
+        label = "Int8WeightOnlyConfig(per-row)"
+    else:
+        try:  # the CPU int4 path (tinygemm _weight_int4pack_mm_for_cpu) in torchao >= 0.14
+            from torchao.prototype.quantization.int4 import PrototypeInt4WeightOnlyConfig
+        except ImportError:
+            from torchao.quantization import Int4WeightOnlyConfig
+
+            config = Int4WeightOnlyConfig(group_size=TORCHAO_INT4_GROUP,
+                                          set_inductor_config=False)
+            label = f"Int4WeightOnlyConfig(group_size={TORCHAO_INT4_GROUP})"
+        else:
+            config = PrototypeInt4WeightOnlyConfig(group_size=TORCHAO_INT4_GROUP,
+                                                   set_inductor_config=False)
+            label = f"PrototypeInt4WeightOnlyConfig(group_size={TORCHAO_INT4_GROUP})"
+    quantize_(net, config)
+    return f"torchao {torchao.__version__} {label}"
+
+
 def _compile(name: str, kind: str, net: torch.nn.Module, fallback: bool) -> Callable:
     if kind == "baseline" and name == "eager":
         return net.forward
-    torch._dynamo.reset()
     if kind == "baseline":
         return torch.compile(net.forward, backend="inductor", dynamic=False)
     return torch.compile(net.forward, backend="llmcompile", dynamic=False,
                          options={"recipe": name, "fallback": fallback})
 
 
+class _Config:
+    """One configuration: its model copy, runner, and what was measured."""
+
+    def __init__(self, name: str, kind: str):
+        self.name, self.kind = name, kind
+        self.is_eager = kind == "baseline" and name == "eager"
+        self.runner: _Runner | None = None
+        self.net: torch.nn.Module | None = None
+        self.warm_times: list[float] = []
+        self.tokens: list[int] | None = None
+        self.prefills: list[float] = []
+        self.step_medians: list[float] = []
+        self.totals: list[float] = []
+        self.entry: dict[str, Any] = {
+            "name": name, "kind": kind, "error": None, "compile_s": None,
+            "warmup_overhead_s": None, "first_run_s": None, "weight_bytes": None,
+            "weight_bytes_source": None,
+            "prefill_ms": None, "prefill_tokens_per_s": None, "decode_ms_per_token": None,
+            "decode_tokens_per_s": None, "prefill_ms_runs": [], "decode_ms_runs": [],
+            "graphs_compiled": 0, "graph_breaks": 0, "recompiles_during_timing": 0,
+            "tokens": None, "warnings": [],
+        }
+
+    def fail(self, e: BaseException) -> None:
+        self.entry["error"] = f"{type(e).__name__}: {e}".splitlines()[0][:500]
+        self.runner = self.net = None
+
+
+class _Capture:
+    """Attach a warning-capturing handler to the llmcompile and Dynamo loggers."""
+
+    def __init__(self, entry: dict[str, Any]):
+        self.entry = entry
+        self.handler = _LogCapture()
+        self.loggers = [logging.getLogger("llmcompile"), logging.getLogger("torch._dynamo")]
+
+    def __enter__(self) -> None:
+        for lg in self.loggers:
+            lg.addHandler(self.handler)
+
+    def __exit__(self, *exc) -> None:
+        for lg in self.loggers:
+            lg.removeHandler(self.handler)
+        known = set(self.entry["warnings"])
+        self.entry["warnings"].extend(m for m in dict.fromkeys(self.handler.messages)
+                                      if m not in known)
+
+
 # --------------------------------------------------------------------------- the bench
 
 def run_bench(model: str = "smollm2", *, prompt_len: int = 128, new_tokens: int = 32,
               repeats: int = 5, warmup: int = 2, dtype: str = "float32",
-              baselines: Sequence[str] = BASELINES, recipes: Sequence[str] = ("default",),
+              baselines: Sequence[str] = DEFAULT_BASELINES, recipes: Sequence[str] = ("default",),
               threads: int | None = None, bandwidth_mb: int = 256, bandwidth_repeats: int = 5,
               fallback: bool = True, progress: bool = True, seed: int = 0,
               json_path: str | Path | None = None) -> dict[str, Any]:
-    """Benchmark eager, plain Inductor and llmcompile recipes on one model; returns a dict.
+    """Benchmark baselines and llmcompile recipes on one model, interleaved; returns a dict.
 
     ``model`` is ``"smollm2"`` or a tiny architecture name (see :mod:`llmcompile.models`);
-    ``recipes`` are preset names or .toml paths given to ``backend="llmcompile"``. The result
-    (also written to ``json_path`` if given) holds the run's settings, ``memory_bandwidth``,
-    ``weight_bytes`` and one entry per configuration in ``results``, with ``prefill_ms``,
-    ``decode_ms_per_token``, ``decode_tokens_per_s``, ``compile_s``, ``mbu``, ``tokens`` and
+    ``baselines`` are names from :data:`BASELINES`; ``recipes`` are preset names or .toml
+    paths given to ``backend="llmcompile"``; ``repeats`` is the number of timed rounds. The
+    result (also written to ``json_path`` if given) holds the run's settings, ``method``,
+    ``memory_bandwidth``, ``weight_bytes`` (the unquantized model's) and one entry per
+    configuration in ``results``, with ``prefill_ms``, ``decode_ms_per_token``,
+    ``decode_tokens_per_s``, ``compile_s``, ``weight_bytes``, ``mbu``, ``tokens`` and
     ``tokens_match`` (greedy tokens equal eager's), ``recompiles_during_timing`` and ``error``
     (None, or why the configuration could not run: the bench goes on with the others).
     """
@@ -287,11 +417,16 @@ def run_bench(model: str = "smollm2", *, prompt_len: int = 128, new_tokens: int 
     old_threads = torch.get_num_threads()
     if threads:
         torch.set_num_threads(int(threads))
+    baselines, recipes = list(dict.fromkeys(baselines)), list(dict.fromkeys(recipes))
+    n_configs = len(baselines) + len(recipes)
+    # every configuration's copy adds cache entries (prefill, decode, ...) to the same code
+    # objects; they must all fit, or Dynamo would fall back to eager for the later ones
+    limit = max(torch._dynamo.config.recompile_limit, 4 * n_configs + 8)
     try:
-        return _run(model, prompt_len, new_tokens, repeats, warmup, dtype, torch_dtype,
-                    list(dict.fromkeys(baselines)), list(dict.fromkeys(recipes)),
-                    bandwidth_mb, bandwidth_repeats, fallback, progress, seed, json_path,
-                    cache_dir)
+        with torch._dynamo.config.patch(recompile_limit=limit):
+            return _run(model, prompt_len, new_tokens, repeats, warmup, dtype, torch_dtype,
+                        baselines, recipes, bandwidth_mb, bandwidth_repeats, fallback,
+                        progress, seed, json_path, cache_dir)
     finally:
         torch.set_num_threads(old_threads)
 
@@ -304,52 +439,64 @@ def _run(model, prompt_len, new_tokens, repeats, warmup, dtype, torch_dtype, bas
 
     bandwidth = measure_bandwidth(bandwidth_mb, bandwidth_repeats)
     base, prompt, tokenizer = _load(model, torch_dtype, prompt_len, seed)
-    wbytes = weight_bytes(base)
-    configs = [(b, "baseline") for b in baselines if b == "eager"]
-    configs += [(b, "baseline") for b in baselines if b != "eager"]
-    configs += [(r, "recipe") for r in recipes]
+    dense_bytes = weight_bytes(base)
+    configs = [_Config(b, "baseline") for b in baselines if b == "eager"]
+    configs += [_Config(b, "baseline") for b in baselines if b != "eager"]
+    configs += [_Config(r, "recipe") for r in recipes]
 
     result: dict[str, Any] = {
         "model": model, "dtype": dtype, "prompt_len": prompt_len, "new_tokens": new_tokens,
         "decode_steps": new_tokens - 1, "repeats": repeats, "warmup": warmup,
+        "method": METHOD.format(repeats=repeats),
         "threads": torch.get_num_threads(), "device": "cpu",
         "torch": torch.__version__, "transformers": transformers.__version__,
-        "python": platform.python_version(), "inductor_cache_dir": cache_dir,
+        "torchao": None, "python": platform.python_version(), "inductor_cache_dir": cache_dir,
         "parameters": sum(p.numel() for p in base.parameters()),
-        "weight_bytes": wbytes, "memory_bandwidth": bandwidth,
-        "mbu_definition": "weight_bytes * decode_tokens_per_s / (read_GBps * 1e9)",
-        "results": [],
+        "weight_bytes": dense_bytes, "memory_bandwidth": bandwidth,
+        "mbu_definition": "weight_bytes * decode_tokens_per_s / (read_GBps * 1e9), "
+                          "weight_bytes per configuration",
+        "results": [c.entry for c in configs],
     }
 
     reference: list[int] | None = None
-    bar = tqdm(total=len(configs) * (warmup + repeats), unit="run", disable=not progress,
+    bar = tqdm(total=len(configs) * (warmup + repeats + 1), unit="run", disable=not progress,
                file=sys.stderr, leave=False)
+    torch._dynamo.reset()  # once, before the first configuration compiles; never between them
     try:
         with torch.inference_mode():
             if "eager" not in baselines:  # reference greedy tokens, untimed
                 reference = _Runner(base.forward, base, prompt, new_tokens, torch_dtype).run()[2]
-            for name, kind in configs:
-                bar.set_description(name)
-                entry = _bench_one(name, kind, base, prompt, new_tokens, torch_dtype, warmup,
-                                   repeats, fallback, bar)
-                if name == "eager" and kind == "baseline" and entry["error"] is None:
-                    reference = entry["tokens"]
-                entry["tokens_match"] = (entry["tokens"] == reference
-                                         if entry["tokens"] is not None else None)
-                tps = entry["decode_tokens_per_s"]
-                entry["mbu"] = (wbytes * tps / (bandwidth["read_GBps"] * 1e9)
-                                if tps else None)
-                result["results"].append(entry)
+            for c in configs:
+                bar.set_description(f"build {c.name}")
+                _build(c, base, prompt, new_tokens, torch_dtype, warmup, fallback, dense_bytes)
+                bar.update(warmup)
+            del base
+            gc.collect()
+            _time_rounds(configs, repeats, bar)
+        for c in configs:
+            _finish(c, warmup, prompt.shape[1])
+            if c.entry.get("torchao"):
+                result["torchao"] = c.entry["torchao"].split()[1]
     finally:
         bar.close()
+        for c in configs:
+            c.runner = c.net = None
         torch._dynamo.reset()
+        gc.collect()
 
-    eager = next((r for r in result["results"] if r["name"] == "eager" and r["error"] is None),
-                 None)
-    for r in result["results"]:
+    entries = result["results"]
+    eager = next((c for c in configs if c.is_eager and c.entry["error"] is None), None)
+    if eager is not None:
+        reference = eager.entry["tokens"]
+    for r in entries:
+        r["tokens_match"] = (r["tokens"] == reference
+                             if r["tokens"] is not None and reference is not None else None)
+        tps = r["decode_tokens_per_s"]
+        r["mbu"] = (r["weight_bytes"] * tps / (bandwidth["read_GBps"] * 1e9)
+                    if tps and r["weight_bytes"] else None)
         ok = eager is not None and r["error"] is None
-        r["prefill_speedup"] = eager["prefill_ms"] / r["prefill_ms"] if ok else None
-        r["decode_speedup"] = (r["decode_tokens_per_s"] / eager["decode_tokens_per_s"]
+        r["prefill_speedup"] = eager.entry["prefill_ms"] / r["prefill_ms"] if ok else None
+        r["decode_speedup"] = (r["decode_tokens_per_s"] / eager.entry["decode_tokens_per_s"]
                                if ok else None)
     if tokenizer is not None and reference is not None:
         result["sample_text"] = tokenizer.decode(reference)
@@ -358,65 +505,29 @@ def _run(model, prompt_len, new_tokens, repeats, warmup, dtype, torch_dtype, bas
     return result
 
 
-def _bench_one(name, kind, base, prompt, new_tokens, torch_dtype, warmup, repeats, fallback,
-               bar) -> dict[str, Any]:
+def _build(c: _Config, base, prompt, new_tokens, torch_dtype, warmup, fallback,
+           dense_bytes) -> None:
+    """Copy, quantize, compile and warm up one configuration; errors go to its entry."""
     from .backend import collect_reports
 
-    entry: dict[str, Any] = {
-        "name": name, "kind": kind, "error": None, "compile_s": None,
-        "warmup_overhead_s": None, "first_run_s": None,
-        "prefill_ms": None, "prefill_tokens_per_s": None, "decode_ms_per_token": None,
-        "decode_tokens_per_s": None, "prefill_ms_runs": [], "decode_ms_runs": [],
-        "graphs_compiled": 0, "graph_breaks": 0, "recompiles_during_timing": 0,
-        "tokens": None, "warnings": [],
-    }
-    is_eager = kind == "baseline" and name == "eager"
-    net = base if is_eager else copy.deepcopy(base)
-    capture = _LogCapture()
-    loggers = [logging.getLogger("llmcompile"), logging.getLogger("torch._dynamo")]
-    for lg in loggers:
-        lg.addHandler(capture)
-    done = 0
+    entry = c.entry
     try:
-        with collect_reports() as reports:
-            forward = _compile(name, kind, net, fallback)
+        with _Capture(entry), collect_reports() as reports:
+            c.net = copy.deepcopy(base)
+            if c.name.startswith("torchao-"):
+                entry["torchao"] = _torchao_quantize(c.net, c.name)
+            forward = _compile(c.name, c.kind, c.net, fallback)
             graphs0, breaks0 = _graph_count(), _graph_breaks()
-            runner = _Runner(forward, net, prompt, new_tokens, torch_dtype)
-            warm_times, tokens = [], None
+            c.runner = _Runner(forward, c.net, prompt, new_tokens, torch_dtype)
             for i in range(warmup):
                 t = time.perf_counter()
-                _, _, toks = runner.run()
-                warm_times.append(time.perf_counter() - t)
-                bar.update(1)
-                done += 1
+                _, _, toks = c.runner.run()
+                c.warm_times.append(time.perf_counter() - t)
                 if i == 0:
-                    tokens = toks
-            graphs1 = _graph_count()
-            prefills, steps, totals = [], [], []
-            for _ in range(repeats):
-                t = time.perf_counter()
-                prefill, step_times, toks = runner.run()
-                totals.append(time.perf_counter() - t)
-                prefills.append(prefill)
-                steps.extend(step_times)
-                entry["decode_ms_runs"].append(1000 * sum(step_times) / len(step_times))
-                bar.update(1)
-                done += 1
-                if toks != tokens:
-                    entry["warnings"].append("greedy tokens changed between runs")
-            graphs2 = _graph_count()
-        p_med, s_med = statistics.median(prefills), statistics.median(steps)
-        overhead = max(0.0, sum(warm_times) - warmup * statistics.median(totals))
-        entry.update(
-            compile_s=0.0 if is_eager else overhead, warmup_overhead_s=overhead,
-            first_run_s=warm_times[0],
-            prefill_ms=1000 * p_med, prefill_tokens_per_s=prompt.shape[1] / p_med,
-            decode_ms_per_token=1000 * s_med, decode_tokens_per_s=1 / s_med,
-            prefill_ms_runs=[1000 * p for p in prefills],
-            graphs_compiled=graphs2 - graphs0, graph_breaks=_graph_breaks() - breaks0,
-            recompiles_during_timing=graphs2 - graphs1, tokens=tokens,
-        )
-        if not is_eager and kind == "recipe":
+                    c.tokens = toks
+            entry["graphs_compiled"] = _graph_count() - graphs0
+            entry["graph_breaks"] = _graph_breaks() - breaks0
+        if c.kind == "recipe":
             fired: dict[str, int] = {}
             for rep in reports:
                 for rule, n in rep.counts().items():
@@ -424,23 +535,75 @@ def _bench_one(name, kind, base, prompt, new_tokens, torch_dtype, warmup, repeat
                         fired[rule] = fired.get(rule, 0) + n
             entry["pipeline_graphs"] = len(reports)
             entry["rules_fired"] = fired
-        if entry["recompiles_during_timing"]:
-            msg = (f"llmcompile bench: {name}: {entry['recompiles_during_timing']} graph(s) "
-                   "compiled during the timed runs; its timings include recompilation")
-            entry["warnings"].append(msg)
-            warnings.warn(msg, RuntimeWarning, stacklevel=2)
+            wb = max((getattr(rep, "weight_bytes", 0) or 0 for rep in reports), default=0)
+            if wb:
+                entry["weight_bytes"], entry["weight_bytes_source"] = wb, "pipeline report"
+            else:
+                entry["weight_bytes"] = dense_bytes
+                entry["weight_bytes_source"] = "parameters (no pipeline report)"
+        else:
+            entry["weight_bytes"] = weight_bytes(c.net)
+            entry["weight_bytes_source"] = "parameters"
     except Exception as e:  # noqa: BLE001 - one failing configuration must not end the bench
-        entry["error"] = f"{type(e).__name__}: {e}".splitlines()[0][:500]
-        bar.update(warmup + repeats - done)
-    finally:
-        for lg in loggers:
-            lg.removeHandler(capture)
-        if not is_eager:
-            del net
-            torch._dynamo.reset()
-        gc.collect()
-    entry["warnings"].extend(m for m in dict.fromkeys(capture.messages))
-    return entry
+        c.fail(e)
+    gc.collect()
+
+
+def _time_rounds(configs: list[_Config], repeats: int, bar) -> None:
+    """One untimed interleaved round, then ``repeats`` timed rounds, order rotated each."""
+    for rnd in range(-1, repeats):
+        live = [c for c in configs if c.runner is not None]
+        if not live:
+            return
+        k = max(rnd, 0) % len(live)
+        for c in live[k:] + live[:k]:
+            bar.set_description(f"round {rnd + 1}/{repeats} {c.name}" if rnd >= 0
+                                else "untimed round")
+            graphs0 = _graph_count()
+            try:
+                with _Capture(c.entry):
+                    t = time.perf_counter()
+                    prefill, steps, toks = c.runner.run()
+                    total = time.perf_counter() - t
+            except Exception as e:  # noqa: BLE001
+                c.fail(e)
+                continue
+            finally:
+                bar.update(1)
+            recompiled = _graph_count() - graphs0
+            c.entry["recompiles_during_timing"] += recompiled
+            c.entry["graphs_compiled"] += recompiled
+            if toks != c.tokens and "greedy tokens changed between runs" not in c.entry["warnings"]:
+                c.entry["warnings"].append("greedy tokens changed between runs")
+            if rnd < 0:
+                continue
+            c.prefills.append(prefill)
+            c.step_medians.append(statistics.median(steps))
+            c.totals.append(total)
+            c.entry["decode_ms_runs"].append(1000 * statistics.median(steps))
+
+
+def _finish(c: _Config, warmup: int, prompt_len: int) -> None:
+    """Medians over the timed rounds into the entry."""
+    entry = c.entry
+    if entry["error"] is not None or not c.prefills:
+        if entry["error"] is None:
+            entry["error"] = "no timed rounds completed"
+        return
+    p_med, s_med = statistics.median(c.prefills), statistics.median(c.step_medians)
+    overhead = max(0.0, sum(c.warm_times) - warmup * statistics.median(c.totals))
+    entry.update(
+        compile_s=0.0 if c.is_eager else overhead, warmup_overhead_s=overhead,
+        first_run_s=c.warm_times[0],
+        prefill_ms=1000 * p_med, prefill_tokens_per_s=prompt_len / p_med,
+        decode_ms_per_token=1000 * s_med, decode_tokens_per_s=1 / s_med,
+        prefill_ms_runs=[1000 * p for p in c.prefills], tokens=c.tokens,
+    )
+    if entry["recompiles_during_timing"]:
+        msg = (f"llmcompile bench: {c.name}: {entry['recompiles_during_timing']} graph(s) "
+               "compiled during the timed runs; its timings include recompilation")
+        entry["warnings"].append(msg)
+        warnings.warn(msg, RuntimeWarning, stacklevel=3)
 
 
 # --------------------------------------------------------------------------- output / CLI
@@ -454,16 +617,17 @@ def format_table(result: dict[str, Any]) -> str:
     bw = result["memory_bandwidth"]
     lines = [
         f"model {result['model']} ({result['parameters'] / 1e6:.1f} M params, "
-        f"{result['weight_bytes'] / 2**20:.1f} MiB weights, {result['dtype']}), prompt "
-        f"{result['prompt_len']}, {result['new_tokens']} new tokens, {result['repeats']} "
-        f"repeats after {result['warmup']} warm-up runs, {result['threads']} threads",
+        f"{result['weight_bytes'] / 2**20:.1f} MiB weights streamed, {result['dtype']}), prompt "
+        f"{result['prompt_len']}, {result['new_tokens']} new tokens, {result['threads']} threads",
+        f"interleaved: {result['warmup']} warm-up runs per configuration, then "
+        f"{result['repeats']} timed rounds (order rotated), medians over rounds",
         f"memory bandwidth: read {bw['read_GBps']:.1f} GB/s, copy {bw['copy_GBps']:.1f} GB/s "
         f"(MBU uses read)",
         "",
     ]
     header = (f"{'config':<16}{'compile s':>10}{'TTFT ms':>10}{'x eager':>8}"
-              f"{'TPOT ms':>10}{'tok/s':>9}{'x eager':>8}{'MBU':>7}{'graphs':>7}"
-              f"{'match':>7}")
+              f"{'TPOT ms':>10}{'tok/s':>9}{'x eager':>8}{'weights MiB':>12}{'MBU':>7}"
+              f"{'graphs':>7}{'match':>7}")
     lines += [header, "-" * len(header)]
     for r in result["results"]:
         label = r["name"] if r["kind"] == "baseline" else f"llmc:{r['name']}"
@@ -471,12 +635,13 @@ def format_table(result: dict[str, Any]) -> str:
             lines.append(f"{label:<16}  error: {r['error']}")
             continue
         mbu = None if r["mbu"] is None else 100 * r["mbu"]
+        mib = None if r["weight_bytes"] is None else r["weight_bytes"] / 2**20
         match = {True: "yes", False: "NO", None: "-"}[r["tokens_match"]]
         lines.append(
             f"{label:<16}{_fmt(r['compile_s'], '.1f'):>10}{_fmt(r['prefill_ms'], '.2f'):>10}"
             f"{_fmt(r['prefill_speedup'], '.2f'):>8}{_fmt(r['decode_ms_per_token'], '.2f'):>10}"
             f"{_fmt(r['decode_tokens_per_s'], '.1f'):>9}{_fmt(r['decode_speedup'], '.2f'):>8}"
-            f"{_fmt(mbu, '.1f') + '%':>7}{r['graphs_compiled']:>7}{match:>7}")
+            f"{_fmt(mib, '.1f'):>12}{_fmt(mbu, '.1f') + '%':>7}{r['graphs_compiled']:>7}{match:>7}")
     notes = [f"  {r['name']}: {w}" for r in result["results"] for w in r["warnings"]]
     if notes:
         lines += ["", "warnings:"] + notes
@@ -496,15 +661,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="generated tokens: 1 from the prefill, the rest one decode step "
                              "each (default: 32)")
     parser.add_argument("--repeats", type=int, default=5,
-                        help="timed runs per configuration (default: 5)")
+                        help="timed rounds; each runs every configuration once (default: 5)")
     parser.add_argument("--warmup", type=int, default=2,
                         help="untimed runs before timing, at least 2 (default: 2)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     parser.add_argument("--recipes", nargs="*", default=["default"], metavar="RECIPE",
                         help="llmcompile recipes (preset names or .toml files) to compare "
                              "(default: default)")
-    parser.add_argument("--baselines", nargs="*", choices=BASELINES, default=list(BASELINES),
-                        help="baselines to compare (default: eager inductor)")
+    parser.add_argument("--baselines", nargs="*", choices=BASELINES,
+                        default=list(DEFAULT_BASELINES),
+                        help="baselines to compare: eager, inductor, torchao-int8 and "
+                             "torchao-int4 (weight-only, then Inductor; need torchao) "
+                             "(default: eager inductor)")
     parser.add_argument("--json", metavar="PATH", help="write the full result as JSON")
     parser.add_argument("--threads", type=int, help="torch intra-op threads")
     parser.add_argument("--bandwidth-mb", type=int, default=256,
