@@ -118,19 +118,23 @@ def gptq_int4(w: Tensor, xtx: Tensor, group_size: int, damp: float = 0.01,
     hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)),
                                  upper=True).float()
     q = torch.zeros(n, k, dtype=torch.uint8)
-    groups = k // group_size
-    scale = torch.zeros(n, groups)
-    low = torch.zeros(n, groups)
-    for i in range(k):
-        g = i // group_size
-        if i % group_size == 0:
-            block = w[:, i: i + group_size]
-            hi, lo = block.amax(1), block.amin(1)
-            scale[:, g] = ((hi - lo) / 15.0).clamp(min=1e-8)
-            low[:, g] = lo
-        col = w[:, i]
-        qi = torch.round((col - low[:, g]) / scale[:, g]).clamp(0, 15)
-        q[:, i] = qi.to(torch.uint8)
-        err = (col - (qi * scale[:, g] + low[:, g])) / hinv[i, i]
-        w[:, i + 1:] -= err[:, None] * hinv[i, i + 1:][None, :]
+    scale = torch.zeros(n, k // group_size)
+    low = torch.zeros(n, k // group_size)
+    for b0 in range(0, k, group_size):  # one block per group; errors flow within the block,
+        b1 = b0 + group_size            # then to later columns with one matmul (lazy update)
+        block = w[:, b0:b1].clone()
+        errors = torch.zeros_like(block)
+        h_block = hinv[b0:b1, b0:b1]
+        g = b0 // group_size
+        hi, lo = block.amax(1), block.amin(1)
+        scale[:, g] = ((hi - lo) / 15.0).clamp(min=1e-8)
+        low[:, g] = lo
+        for j in range(group_size):
+            col = block[:, j]
+            qj = torch.round((col - lo) / scale[:, g]).clamp(0, 15)
+            q[:, b0 + j] = qj.to(torch.uint8)
+            err = (col - (qj * scale[:, g] + lo)) / h_block[j, j]
+            block[:, j:] -= err[:, None] * h_block[j, j:][None, :]
+            errors[:, j] = err
+        w[:, b1:] -= errors @ hinv[b0:b1, b1:]
     return Int4Weight(q, scale, low, group_size)
