@@ -325,8 +325,12 @@ def _compile(name: str, kind: str, net: torch.nn.Module, fallback: bool) -> Call
         return net.forward
     if kind == "baseline":
         return torch.compile(net.forward, backend="inductor", dynamic=False)
-    return torch.compile(net.forward, backend="llmcompile", dynamic=False,
-                         options={"recipe": name, "fallback": fallback})
+    from . import _tokenizer_path
+
+    options = {"recipe": name, "fallback": fallback}
+    if _tokenizer_path(net):  # calibrated recipes tokenize their calibration text with it
+        options["tokenizer"] = _tokenizer_path(net)
+    return torch.compile(net.forward, backend="llmcompile", dynamic=False, options=options)
 
 
 class _Config:
