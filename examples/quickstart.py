@@ -15,26 +15,8 @@ import time
 import torch
 
 import llmcompile
+from llmcompile.models import greedy_generate as greedy
 from llmcompile.models import load_smollm2, tiny_model
-
-
-def greedy(model, forward, ids: torch.Tensor, new_tokens: int) -> list[int]:
-    """Greedy decoding with a transformers StaticCache, driving ``forward`` step by step."""
-    from transformers import StaticCache
-
-    cache = StaticCache(config=model.config, max_cache_len=ids.shape[1] + new_tokens)
-    positions = torch.arange(ids.shape[1])
-    out = []
-    with torch.no_grad():
-        logits = forward(input_ids=ids, past_key_values=cache, cache_position=positions,
-                         use_cache=True).logits
-        for _ in range(new_tokens):
-            token = int(logits[0, -1].argmax())
-            out.append(token)
-            positions = positions[-1:] + 1
-            logits = forward(input_ids=torch.tensor([[token]]), past_key_values=cache,
-                             cache_position=positions, use_cache=True).logits
-    return out
 
 
 def main() -> None:

@@ -19,7 +19,8 @@ __all__ = ["explain", "load_model"]
 
 
 def load_model(spec: Any) -> torch.nn.Module:
-    """An nn.Module from a module, a tiny architecture name, ``smollm2`` or a folder path."""
+    """An nn.Module from a module, a tiny architecture name, ``smollm2``, a transformers folder
+    (weights or GGUF), or a folder / ``config.json`` with only a config (random weights)."""
     from .models import ARCHITECTURES, load_smollm2, tiny_model
 
     if isinstance(spec, torch.nn.Module):
@@ -30,10 +31,15 @@ def load_model(spec: Any) -> torch.nn.Module:
     if spec.lower() in ("smollm2", "smollm2-135m"):
         return load_smollm2()[0]
     folder = Path(spec)
+    if folder.is_file() and folder.name.endswith(".json"):  # a config alone: random weights
+        folder = folder.parent
     if folder.is_dir():
-        from transformers import AutoModelForCausalLM
+        from transformers import AutoConfig, AutoModelForCausalLM
 
         ggufs = sorted(folder.glob("*.gguf"))
+        weights = ggufs or [*folder.glob("*.safetensors"), *folder.glob("*.bin")]
+        if not weights and (folder / "config.json").is_file():
+            return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder)).eval()
         kwargs = {"gguf_file": ggufs[0].name} if ggufs else {}
         return AutoModelForCausalLM.from_pretrained(folder, **kwargs).eval()
     raise ValueError(f"cannot load model {spec!r}: give an nn.Module, a tiny architecture "

@@ -12,7 +12,8 @@ from typing import Any
 
 import torch
 
-__all__ = ["ARCHITECTURES", "load_smollm2", "smollm2_folder", "tiny_config", "tiny_model"]
+__all__ = ["ARCHITECTURES", "greedy_generate", "load_smollm2", "smollm2_folder", "tiny_config",
+           "tiny_model"]
 
 _COMMON = dict(num_hidden_layers=2, hidden_size=64, num_attention_heads=4, vocab_size=256,
                bos_token_id=1, eos_token_id=2)
@@ -71,3 +72,23 @@ def load_smollm2(dtype: torch.dtype = torch.float32):
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
     model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=dtype)
     return model.eval(), tokenizer
+
+
+def greedy_generate(model, forward, ids: torch.Tensor, new_tokens: int) -> list[int]:
+    """Greedy decoding with a transformers ``StaticCache``, calling ``forward`` step by step
+    (``forward`` is ``model.forward`` or a compiled version of it)."""
+    from transformers import StaticCache
+
+    cache = StaticCache(config=model.config, max_cache_len=ids.shape[1] + new_tokens)
+    positions = torch.arange(ids.shape[1])
+    out: list[int] = []
+    with torch.no_grad():
+        logits = forward(input_ids=ids, past_key_values=cache, cache_position=positions,
+                         use_cache=True).logits
+        for _ in range(new_tokens):
+            token = int(logits[0, -1].argmax())
+            out.append(token)
+            positions = positions[-1:] + 1
+            logits = forward(input_ids=torch.tensor([[token]]), past_key_values=cache,
+                             cache_position=positions, use_cache=True).logits
+    return out

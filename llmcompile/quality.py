@@ -24,7 +24,9 @@ from .recipe import resolve_recipe
 
 __all__ = ["add_arguments", "main", "perplexity", "run_quality"]
 
-DEFAULT_TEXT = Path(__file__).resolve().parents[1] / "tests" / "data" / "emma_excerpt.txt"
+#: held-out evaluation text shipped with the package: an excerpt of Emma (public domain), a
+#: different novel from the calibration text (Pride and Prejudice)
+DEFAULT_TEXT = Path(__file__).resolve().parent / "data" / "eval_emma.txt"
 
 
 def _windows(tokenizer, text: str, windows: int, seq_len: int) -> torch.Tensor:
@@ -78,18 +80,21 @@ def run_quality(model: str = "smollm2", recipes: tuple[str, ...] = ("int8", "int
 
 
 def format_table(result: dict[str, Any]) -> str:
+    width = max(14, *(len(row["config"]) + 2 for row in result["rows"]))
     lines = [f"perplexity of {result['model']} on {Path(result['text']).name}: "
              f"{result['windows']} windows x {result['seq_len']} tokens (target "
-             f"{result['target']})", f"{'config':<14}{'perplexity':>12}{'change':>10}"]
+             f"{result['target']})", f"{'config':<{width}}{'perplexity':>12}{'change':>10}"]
     for row in result["rows"]:
-        lines.append(f"{row['config']:<14}{row['perplexity']:>12.3f}{row['change']:>+10.2%}")
+        lines.append(f"{row['config']:<{width}}{row['perplexity']:>12.3f}"
+                     f"{row['change']:>+10.2%}")
     return "\n".join(lines)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="smollm2")
     parser.add_argument("--recipes", nargs="*", default=["int8", "int4-rtn", "int4"])
-    parser.add_argument("--text", default=None, help="evaluation text (default: Emma excerpt)")
+    parser.add_argument("--text", default=None,
+                        help="evaluation text (default: the shipped Emma excerpt)")
     parser.add_argument("--windows", type=int, default=8)
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--target", default="eager", choices=["eager", "inductor"])

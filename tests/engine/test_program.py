@@ -49,3 +49,11 @@ def test_explain_reports_rules_and_module_paths():
     assert reports[0].fired("rmsnorm") == 5
     text = reports[0].format()
     assert "rmsnorm" in text and "fired" in text
+
+
+def test_explain_accepts_a_config_folder(tmp_path):
+    from llmcompile.models import tiny_config
+
+    tiny_config("qwen2").save_pretrained(tmp_path)
+    reports = explain(str(tmp_path / "config.json"), "default")
+    assert reports[0].fired("qkv_projection_bias") == 2
