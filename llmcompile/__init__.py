@@ -13,6 +13,7 @@ Public API (everything else may move):
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from . import ops
@@ -54,7 +55,7 @@ def _tokenizer_path(model: Any):
     """A transformers model's own folder, where its tokenizer usually lives (or None)."""
     owner = getattr(model, "__self__", model)  # a bound forward -> its module
     path = getattr(getattr(owner, "config", None), "_name_or_path", "") or ""
-    return path if path and __import__("os").path.isdir(path) else None
+    return path if path and os.path.isdir(path) else None
 
 
 def explain(model: Any, recipe: Any = None, example_inputs: Any = None) -> list[Report]:
