@@ -8,7 +8,6 @@ the passes in between. Passes of one phase run in recipe order.
 
 from __future__ import annotations
 
-import dataclasses
 import importlib
 import logging
 import os
@@ -190,7 +189,3 @@ def _weight_bytes(program: Program) -> int:
             seen.add(id(tensor))
             total += tensor.numel() * tensor.element_size()
     return total
-
-
-def config_fields(config: type[PassConfig]) -> list[str]:
-    return [f.name for f in dataclasses.fields(config)]

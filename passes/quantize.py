@@ -76,9 +76,6 @@ class QuantizeConfig(PassConfig):
                 raise RecipeError(f"quantize_weights.calibration.{key}: expected a positive "
                                   f"integer, got {value!r}")
 
-    def fingerprint(self) -> str:
-        return repr(self.to_dict())
-
     def run(self, program, stats) -> None:
         targets = _eligible(program)
         paths = {n.name: program.module_path(n) for n in targets}
@@ -95,12 +92,13 @@ class QuantizeConfig(PassConfig):
                 raise RecipeError(f"quantize_weights.group_size: {self.group_size} does not "
                                   f"divide the input width {k} of {paths[node.name]}; valid "
                                   f"for this model: {valid or 'none (skip this layer)'}")
-        activations = self._calibrate(program, keep) if self.method != "rtn" else {}
-        apply_rules(program, self._rules({n.name for n in keep}, activations), stats)
+        keys = {n.name: _key(program, n, self) for n in keep}  # one weight checksum per layer
+        activations = self._calibrate(program, keep, keys) if self.method != "rtn" else {}
+        apply_rules(program, self._rules(keys, activations), stats)
 
-    def _calibrate(self, program, nodes) -> dict:
+    def _calibrate(self, program, nodes, keys: dict[str, tuple]) -> dict:
         cal = {**CALIBRATION_KEYS, **self.calibration}
-        todo = [n for n in nodes if _key(program, n, self) not in _CACHE]
+        todo = [n for n in nodes if keys[n.name] not in _CACHE]
         if not todo:
             return {}
         try:
@@ -110,14 +108,14 @@ class QuantizeConfig(PassConfig):
             raise RecipeError(str(e)) from None
         return collect_inputs(program, todo, tokens, seed=self.seed)
 
-    def _rules(self, names: set[str], activations: dict) -> RuleSet:
+    def _rules(self, keys: dict[str, tuple], activations: dict) -> RuleSet:
         def check(m: Match) -> Reject | dict:
-            if m.anchor.name not in names:
+            if m.anchor.name not in keys:
                 return Reject("not selected (skipped, not a 2-d float weight, or no weight)")
             if self.bits == 4 and m.shape("w")[0] % 16:
                 return Reject(f"output width {m.shape('w')[0]} is not a multiple of 16, which "
                               "the int4 CPU kernel needs")
-            key = _key(m.program, m.anchor, self)
+            key = keys[m.anchor.name]
             if key not in _CACHE:
                 _CACHE[key] = self._quantize(m.weight("w"), activations.get(m.anchor.name))
             return dict(_CACHE[key])
