@@ -7,7 +7,9 @@ Options: ``recipe`` (a Recipe, dict, preset name or .toml path), ``target`` (ove
 recipe's), ``fallback`` (default True: a graph the pipeline cannot handle is compiled by plain
 Inductor with one logged warning; False raises instead), ``debug`` (log the pass report).
 ``tokenizer`` (a tokenizer or its path) tokenizes calibration text for calibrated passes.
-Target ``eager`` runs the rewritten graph without Inductor (debugging, quick quality checks).
+Target ``onnxruntime`` runs the rewritten graph in an ONNX Runtime session (contrib ops,
+CUDA provider with IO binding on a GPU, else the CPU provider); target ``eager`` runs it
+without Inductor (debugging, quick quality checks).
 Recipe mistakes always raise, before any graph is compiled.
 """
 
@@ -93,6 +95,7 @@ def llmcompile_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], *,
     try:
         program = capture_dynamo(gm, example_inputs)
         program.context["tokenizer"] = flags["tokenizer"]
+        program.context["target"] = recipe.target
         report = run_pipeline(program, recipe)
     except RecipeError:
         raise
@@ -108,6 +111,10 @@ def llmcompile_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], *,
     if recipe.target == "eager":
         return program.gm
     try:
+        if recipe.target == "onnxruntime":
+            from .lower.onnxruntime import compile_onnxruntime
+
+            return compile_onnxruntime(program, example_inputs, fingerprint=recipe.fingerprint())
         return compile_inductor(program, example_inputs, mode=mode,
                                 post_grad=_post_grad_rules(recipe),
                                 fingerprint=recipe.fingerprint())

@@ -7,7 +7,9 @@ Two spellings of the same math must become the same graph, or a rule misses its 
 * dimension arguments are written negative (``softmax(x, 3)`` on a 4-d tensor becomes
   ``softmax(x, -1)``), so a pattern traced at one rank matches a model of another;
 * ``transpose`` dims are sorted (``x.transpose(-1, -2)`` is ``x.transpose(-2, -1)``);
-* ``dropout`` in inference (``train=False``) is the identity and is removed.
+* ``dropout`` in inference (``train=False``) is the identity and is removed;
+* empty 1-d inputs of ``cat`` (``torch.cat([torch.tensor([]), x])``, how a fresh KV cache
+  starts) are dropped, as ``cat`` itself ignores them; a ``cat`` of one tensor is that tensor.
 """
 
 from __future__ import annotations
@@ -113,6 +115,27 @@ def _sort_transpose(node: fx.Node) -> None:
             node.args = (node.args[0], b, a)
 
 
+def _is_empty_1d(value) -> bool:
+    val = value.meta.get("val") if isinstance(value, fx.Node) else None
+    return (isinstance(val, torch.Tensor) and val.dim() == 1
+            and isinstance(val.shape[0], int) and val.shape[0] == 0)
+
+
+def _drop_empty_cat_inputs(node: fx.Node) -> bool:
+    """Drop legacy empty inputs of ``cat``; True when the node became its only input."""
+    if node.target is not aten.cat.default or not isinstance(node.args[0], (list, tuple)):
+        return False
+    tensors = node.args[0]
+    kept = [t for t in tensors if not _is_empty_1d(t)]
+    if len(kept) == len(tensors) or not kept:
+        return False
+    if len(kept) == 1:
+        out, src = node.meta.get("val"), kept[0].meta.get("val")
+        return isinstance(src, torch.Tensor) and src.dtype == getattr(out, "dtype", None)
+    node.args = (kept, *node.args[1:])
+    return False
+
+
 def canonicalize(graph: fx.Graph) -> int:
     """Rewrite ``graph`` in place into canonical form; returns how many nodes were removed."""
     removed = 0
@@ -124,10 +147,19 @@ def canonicalize(graph: fx.Graph) -> int:
             graph.erase_node(node)
             removed += 1
             continue
+        if _drop_empty_cat_inputs(node):
+            node.replace_all_uses_with(next(t for t in node.args[0] if not _is_empty_1d(t)))
+            graph.erase_node(node)
+            removed += 1
+            continue
         if node.target is aten._assert_tensor_metadata.default and not node.users:
             graph.erase_node(node)  # export's dtype checks: static facts, already in meta
             removed += 1
             continue
         _normalize_dims(node)
         _sort_transpose(node)
+    for node in reversed(list(graph.nodes)):  # detach_ of a value nobody reads: a no-op
+        if node.target in (aten.detach_.default, aten.detach.default) and not node.users:
+            graph.erase_node(node)
+            removed += 1
     return removed

@@ -30,7 +30,7 @@ from .rules import RuleSet
 
 __all__ = ["PassConfig", "Recipe", "RecipeError", "TARGETS", "presets", "resolve_recipe"]
 
-TARGETS = ("inductor", "eager")
+TARGETS = ("inductor", "onnxruntime", "eager")
 
 
 class RecipeError(ValueError):

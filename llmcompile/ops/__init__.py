@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["add_rms_norm", "attention", "gelu_mul", "int4_linear", "int8_linear", "rms_norm",
-           "rotary", "silu_mul"]
+__all__ = ["add_rms_norm", "attention", "gelu_mul", "group_query_attention", "int4_linear",
+           "int8_linear", "matmul_nbits", "rms_norm", "rotary", "silu_mul"]
 
 _lib = torch.library.Library("llmcompile", "DEF")  # noqa: TOR901 - one library, defined here
 
@@ -103,6 +103,50 @@ def _int4_linear_ref(x: Tensor, weight: Tensor, scales_zeros: Tensor, group_size
     return y if bias is None else y + bias
 
 
+def _group_query_attention_ref(q: Tensor, k: Tensor, v: Tensor, past_k: Tensor | None,
+                               past_v: Tensor | None, scale: float, window: int = 0
+                               ) -> tuple[Tensor, Tensor, Tensor]:
+    """Causal attention of new tokens over a KV cache: ``(out, present_k, present_v)``.
+
+    ``q [B, Hq, S, E]``, new ``k/v [B, Hkv, S, E]``, ``past_k/v [B, Hkv, P, E]`` (or None);
+    ``present = cat(past, new)`` along the sequence; the diagonal is aligned bottom-right.
+    """
+    if past_k is not None and past_v is not None:
+        k, v = torch.cat([past_k, k], dim=-2), torch.cat([past_v, v], dim=-2)
+    else:
+        k, v = k.clone(), v.clone()  # outputs never alias inputs
+    return _attention_ref(q, k, v, None, scale, causal=True, window=window), k, v
+
+
+def _unpack(data: Tensor, bits: int, rows: int) -> Tensor:
+    """uint8 bytes -> one value per element (low nibble first for 4 bits), ``[rows, -1]``."""
+    data = data.reshape(rows, -1)
+    if bits == 8:
+        return data
+    return torch.stack([data & 15, data >> 4], dim=-1).reshape(rows, -1)
+
+
+def _matmul_nbits_ref(x: Tensor, qweight: Tensor, scales: Tensor, zero_points: Tensor | None,
+                      k: int, bits: int, block_size: int, accuracy_level: int = 0,
+                      bias: Tensor | None = None) -> Tensor:
+    """``x [..., K]`` times a block-quantized weight in ONNX Runtime's ``MatMulNBits`` layout.
+
+    ``qweight`` uint8 ``[N, K/B, B·bits/8]`` (blocks along K, padded), ``scales [N·K/B]``,
+    ``zero_points`` uint8 packed ``[N·ceil(K/B·bits/8)]`` or None (then ``2^(bits-1)``);
+    ``w = (q - zero) * scale``. ``accuracy_level`` only tells ONNX Runtime which compute
+    precision it may use (4: int8 activations); this reference computes in ``x``'s dtype.
+    """
+    n, blocks = qweight.shape[0], qweight.shape[1]
+    q = _unpack(qweight, bits, n).reshape(n, blocks, block_size).float()
+    if zero_points is None:
+        zero = torch.full((n, blocks), float(2 ** (bits - 1)), device=x.device)
+    else:
+        zero = _unpack(zero_points, bits, n)[:, :blocks].float()
+    w = (q - zero.unsqueeze(-1)) * scales.reshape(n, blocks, 1).float()
+    w = w.reshape(n, blocks * block_size)[:, :k].to(x.dtype)
+    return F.linear(x, w, bias)
+
+
 _define("rms_norm(Tensor x, Tensor weight, float eps, float offset=0.0) -> Tensor", _rms_norm_ref)
 _define("add_rms_norm(Tensor x, Tensor residual, Tensor weight, float eps, float offset=0.0)"
         " -> (Tensor, Tensor)", _add_rms_norm_ref)
@@ -116,6 +160,12 @@ _define("int8_linear(Tensor x, Tensor weight, Tensor scales, Tensor? bias=None) 
 _define("int4_linear(Tensor x, Tensor weight, Tensor scales_zeros, int group_size,"
         " Tensor? bias=None) -> Tensor", _int4_linear_ref)
 
+_define("group_query_attention(Tensor q, Tensor k, Tensor v, Tensor? past_k, Tensor? past_v,"
+        " float scale, int window=0) -> (Tensor, Tensor, Tensor)", _group_query_attention_ref)
+_define("matmul_nbits(Tensor x, Tensor qweight, Tensor scales, Tensor? zero_points, int k,"
+        " int bits, int block_size, int accuracy_level=0, Tensor? bias=None) -> Tensor",
+        _matmul_nbits_ref)
+
 _ops = torch.ops.llmcompile
 rms_norm = _ops.rms_norm
 add_rms_norm = _ops.add_rms_norm
@@ -125,3 +175,5 @@ gelu_mul = _ops.gelu_mul
 attention = _ops.attention
 int8_linear = _ops.int8_linear
 int4_linear = _ops.int4_linear
+group_query_attention = _ops.group_query_attention
+matmul_nbits = _ops.matmul_nbits

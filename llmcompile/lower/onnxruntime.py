@@ -1,0 +1,395 @@
+"""Lowering to ONNX and ONNX Runtime.
+
+The rewritten Program becomes an ONNX model in four steps:
+
+1. *lowering rules* (``passes/onnx_attention.py``): causal attention over a KV cache becomes
+   ``llmcompile.group_query_attention``, which ONNX Runtime runs as ``GroupQueryAttention``;
+2. weights become constants of the graph (ONNX initializers; a tensor shared by two weights, a
+   tied embedding and LM head, is stored once) and symbolic-size inputs become ``sym_size``;
+3. ``torch.export`` of that graph, with every symbolic dimension dynamic;
+4. ``torch.onnx.export`` with the translations of :mod:`llmcompile.ops.onnx` (contrib ops where
+   the provider runs them, standard ONNX ops otherwise), saved with external data.
+
+:func:`compile_onnxruntime` wraps the file in an ``InferenceSession`` that takes and returns
+torch tensors (CUDA provider with IO binding when the model is on a GPU and
+``onnxruntime-gpu`` is installed; the CPU provider otherwise, with one logged warning).
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import hashlib
+import inspect
+import logging
+import os
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+from .. import _compat
+from ..ops.onnx import CPU, CUDA, translation_table
+from ..program import Program
+from ..rewrite import Stats, apply_rules
+
+log = logging.getLogger("llmcompile")
+
+__all__ = ["OnnxLoweringError", "OrtRunner", "compile_onnxruntime", "model_dtype",
+           "pick_provider", "prepare", "to_onnx"]
+
+OPSET = 23
+_SESSIONS: collections.OrderedDict = collections.OrderedDict()  # (graph, recipe) -> runner
+_MAX_SESSIONS = 16
+_warned: set[str] = set()
+
+
+class OnnxLoweringError(RuntimeError):
+    """A graph that cannot be exported to ONNX or run by ONNX Runtime (names the op/node)."""
+
+
+def _warn_once(message: str) -> None:
+    if message not in _warned:
+        _warned.add(message)
+        log.warning("llmcompile: %s", message)
+
+
+def pick_provider(device: torch.device) -> str:
+    """The ONNX Runtime execution provider for tensors on ``device``."""
+    import onnxruntime as ort
+
+    if CUDA in ort.get_available_providers() and (device.type == "cuda"
+                                                 or torch.cuda.is_available()):
+        return CUDA if device.type == "cuda" else CPU
+    why = ("this ONNX Runtime build has no CUDAExecutionProvider (install onnxruntime-gpu "
+           "instead of onnxruntime for GPUs)")
+    _warn_once(f"ONNX Runtime runs on the CPU provider: {why}")
+    return CPU
+
+
+def model_dtype(program: Program) -> torch.dtype:
+    """The floating dtype most of the program's weight bytes are in (float32 if none)."""
+    sizes: dict[torch.dtype, int] = collections.Counter()
+    for t in program.weights.values():
+        if t.is_floating_point():
+            sizes[t.dtype] += t.numel()
+    return max(sizes, key=sizes.get) if sizes else torch.float32
+
+
+def prepare(program: Program) -> Stats:
+    """Apply the ONNX lowering rules (cached attention -> group_query_attention)."""
+    from ..passes.onnx_attention import RULES
+
+    stats = apply_rules(program, RULES)
+    program.recompile()
+    return stats
+
+
+# --- graph -> torch.export -> ONNX ---------------------------------------------------------
+
+def _weights_to_constants(program: Program) -> None:
+    """Weight placeholders become get_attr constants (one buffer per distinct tensor)."""
+    gm, graph = program.gm, program.graph
+    by_tensor: dict[tuple, str] = {}
+    first = next(n for n in graph.nodes if n.op != "placeholder") if len(graph.nodes) else None
+    for node in [n for n in graph.nodes if n.op == "placeholder" and n.name in program.weights]:
+        tensor = program.weights[node.name]
+        key = (tensor.data_ptr(), tuple(tensor.shape), tensor.dtype, tuple(tensor.stride()))
+        name = by_tensor.get(key)
+        if name is None:
+            name = f"_llmc_w_{len(by_tensor)}_{node.name}"[:120]
+            gm.register_buffer(name, tensor, persistent=False)
+            by_tensor[key] = name
+        with graph.inserting_before(first):
+            attr = graph.get_attr(name)
+        attr.meta["val"] = node.meta.get("val")
+        node.replace_all_uses_with(attr)
+        graph.erase_node(node)
+    program.weights.clear()
+
+
+def _symbols_to_sizes(graph: fx.Graph) -> None:
+    """SymInt placeholders (Dynamo's dynamic sizes) become ``sym_size`` of a tensor input."""
+    tensors = [n for n in graph.nodes if n.op == "placeholder"
+               and isinstance(n.meta.get("val"), torch.Tensor)]
+    for node in [n for n in graph.nodes if n.op == "placeholder"]:
+        val = node.meta.get("val")
+        if not isinstance(val, torch.SymInt):
+            continue
+        source = next(((t, d) for t in tensors for d, s in enumerate(t.meta["val"].shape)
+                       if isinstance(s, torch.SymInt) and s.node.expr == val.node.expr), None)
+        if source is None:
+            raise OnnxLoweringError(f"size input %{node.name} ({val}) is not the size of any "
+                                    "tensor input; ONNX cannot take it")
+        with graph.inserting_after(source[0]):
+            size = graph.call_function(torch.ops.aten.sym_size.int, source)
+        size.meta["val"] = val
+        node.replace_all_uses_with(size)
+        graph.erase_node(node)
+    graph.eliminate_dead_code()
+
+
+def _dynamic_shapes(inputs: Sequence[fx.Node]) -> tuple:
+    from torch.export import Dim
+
+    shapes = []
+    for node in inputs:
+        val = node.meta.get("val")
+        dims = {i: Dim.DYNAMIC for i, s in enumerate(getattr(val, "shape", ()))
+                if not isinstance(s, int)}
+        shapes.append(dims or None)
+    return tuple(shapes)
+
+
+def _check_supported(program: Program) -> None:
+    for node in program.graph.nodes:
+        if node.op != "call_function":
+            continue
+        name = str(node.target)
+        if "_weight_int4pack" in name or "_weight_int8pack" in name or node.target in (
+                torch.ops.llmcompile.int4_linear.default,
+                torch.ops.llmcompile.int8_linear.default):
+            raise OnnxLoweringError(
+                f"node %{node.name} ({name}) holds weights packed for the CPU Inductor kernels; "
+                "quantize with target 'onnxruntime' so the pass emits MatMulNBits weights")
+
+
+@dataclass
+class OnnxModel:
+    """An exported file and what the lowering did on the way."""
+
+    path: Path
+    input_names: list[str]
+    output_names: list[str]
+    notes: list[str] = field(default_factory=list)
+    #: output index -> input index it updates in place (a static KV cache)
+    mutations: dict[int, int] = field(default_factory=dict)
+    outputs: list[Any] = field(default_factory=list)  # fake values of the user outputs
+    inputs: list[Any] = field(default_factory=list)  # fake values of the inputs
+
+
+def to_onnx(program: Program, args: Sequence[Any], path: str | os.PathLike, *,
+            provider: str = CPU, input_names: Sequence[str] | None = None,
+            output_names: Sequence[str] | None = None, dynamic_shapes: Any = None) -> OnnxModel:
+    """Export the (prepared) program to an ONNX file at ``path`` (weights as external data).
+
+    ``args`` are example values of the program's non-weight inputs, in order; by default every
+    dimension that is symbolic in the graph is dynamic.
+    """
+    import onnx
+
+    _check_supported(program)
+    dtype = model_dtype(program)
+    table, notes = translation_table(provider, dtype)
+    _weights_to_constants(program)
+    _symbols_to_sizes(program.graph)
+    program.graph._codegen = fx.graph.CodeGen()  # flat positional inputs, not a pytree
+    program.recompile()
+    inputs = [n for n in program.graph.nodes if n.op == "placeholder"]
+    if len(inputs) != len(args):
+        raise OnnxLoweringError(f"the graph takes {len(inputs)} inputs, {len(args)} given")
+    if dynamic_shapes is None:
+        dynamic_shapes = _dynamic_shapes(inputs)
+    params = inspect.signature(program.gm.forward).parameters.values()
+    if any(p.kind is inspect.Parameter.VAR_POSITIONAL for p in params):
+        dynamic_shapes = (tuple(dynamic_shapes),)  # GraphModule.forward(*args)
+    with _compat.no_tracing_context(), torch.no_grad():
+        try:
+            ep = torch.export.export(program.gm, tuple(args), dynamic_shapes=dynamic_shapes,
+                                     strict=False)
+        except Exception as e:
+            raise OnnxLoweringError(f"torch.export of the rewritten graph failed: "
+                                    f"{str(e).splitlines()[0][:300]}") from e
+    mutations = _mutations(ep)
+    with _quiet(), _compat.no_tracing_context():
+        try:
+            onnx_program = torch.onnx.export(
+                ep, tuple(args), dynamo=True, custom_translation_table=table,
+                opset_version=OPSET, optimize=False, verbose=False, report=False,
+                input_names=list(input_names) if input_names else None,
+                output_names=_output_names(output_names, mutations))
+        except Exception as e:
+            raise OnnxLoweringError(_export_failure(e)) from e
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for stale in (path, path.with_name(path.name + ".data")):
+        stale.unlink(missing_ok=True)
+    onnx_program.save(str(path), external_data=True)
+    model = onnx.load(str(path), load_external_data=False)
+    outputs = [n for n in program.graph.nodes if n.op == "output"][0].args[0]
+    return OnnxModel(path, [i.name for i in model.graph.input],
+                     [o.name for o in model.graph.output], notes, mutations,
+                     [o.meta.get("val") if isinstance(o, fx.Node) else o
+                      for o in _flat(outputs)],
+                     [n.meta.get("val") for n in inputs])
+
+
+def _flat(outputs) -> list:
+    return list(outputs) if isinstance(outputs, (list, tuple)) else [outputs]
+
+
+def _output_names(names: Sequence[str] | None, mutations: dict[int, int]) -> list[str] | None:
+    if not names:
+        return None
+    return [f"updated_input_{i}" for i in mutations.values()] + list(names)
+
+
+def _mutations(ep) -> dict[int, int]:
+    """ONNX output index -> user input index, for inputs the graph writes in place."""
+    from torch.export.graph_signature import InputKind, OutputKind
+
+    user_inputs = [s.arg.name for s in ep.graph_signature.input_specs
+                   if s.kind == InputKind.USER_INPUT]
+    out: dict[int, int] = {}
+    for i, spec in enumerate(ep.graph_signature.output_specs):
+        if spec.kind == OutputKind.USER_INPUT_MUTATION:
+            out[i] = user_inputs.index(spec.target)
+        elif spec.kind == OutputKind.BUFFER_MUTATION:
+            raise OnnxLoweringError(f"the graph writes its constant {spec.target} in place")
+    return out
+
+
+def _export_failure(e: BaseException) -> str:
+    while e.__cause__ is not None:  # the exporter wraps the real error; report that one
+        e = e.__cause__
+    text = f"{type(e).__name__}: {e}"
+    for line in text.splitlines():
+        if "No decompositions registered" in line or "Unsupported FX nodes" in line:
+            return f"torch.onnx.export: {line.strip()[:400]}"
+    return f"torch.onnx.export failed: {text.splitlines()[0][:400] if text else type(e)}"
+
+
+@contextlib.contextmanager
+def _quiet():
+    """The exporter prints progress lines to stdout; keep them out of users' logs."""
+    with open(os.devnull, "w") as sink, contextlib.redirect_stdout(sink):
+        yield
+
+
+# --- running -------------------------------------------------------------------------------
+
+def session(path: str | os.PathLike, provider: str, threads: int | None = None):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    if threads:
+        options.intra_op_num_threads = threads
+    providers = [provider] if provider == CPU else [provider, CPU]
+    return ort.InferenceSession(str(path), options, providers=providers)
+
+
+_NUMPY = {torch.float32: "float32", torch.float16: "float16", torch.int64: "int64",
+          torch.int32: "int32", torch.bool: "bool", torch.uint8: "uint8", torch.int8: "int8",
+          torch.float64: "float64"}
+
+
+class OrtRunner:
+    """Calls an ONNX Runtime session with torch tensors, like any compiled graph."""
+
+    def __init__(self, model: OnnxModel, provider: str, positions: Sequence[int],
+                 device: torch.device):
+        self.model = model
+        self.provider = provider
+        self.positions = list(positions)  # which call arguments are graph inputs
+        self.device = device
+        try:
+            self.session = session(model.path, provider)
+        except Exception as e:
+            raise OnnxLoweringError(f"ONNX Runtime cannot load the exported graph: "
+                                    f"{str(e).splitlines()[0][:400]}") from e
+        self.names = [i.name for i in self.session.get_inputs()]
+        self._tmp = None  # keeps a temporary folder alive as long as the session
+
+    def __call__(self, *args):
+        inputs = [args[i] for i in self.positions]
+        for t in inputs:
+            if isinstance(t, torch.Tensor) and t.dtype not in _NUMPY:
+                raise OnnxLoweringError(f"ONNX Runtime inputs of dtype {t.dtype} are not "
+                                        "supported")
+        if self.provider == CUDA:
+            outs = self._run_cuda(inputs)
+        else:
+            feed = {n: t.detach().to("cpu").contiguous().numpy()
+                    for n, t in zip(self.names, inputs)}
+            outs = [torch.from_numpy(o) for o in self.session.run(None, feed)]
+            if self.device.type != "cpu":
+                outs = [o.to(self.device) for o in outs]
+        for out_index, input_index in self.model.mutations.items():
+            inputs[input_index].copy_(outs[out_index])
+        user = [o for i, o in enumerate(outs) if i not in self.model.mutations]
+        return user
+
+    def _run_cuda(self, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
+        import numpy as np
+
+        binding = self.session.io_binding()
+        keep = []
+        for name, t in zip(self.names, inputs):
+            t = t.contiguous()
+            keep.append(t)
+            binding.bind_input(name, "cuda", t.device.index or 0, np.dtype(_NUMPY[t.dtype]),
+                               tuple(t.shape), t.data_ptr())
+        for o in self.session.get_outputs():
+            binding.bind_output(o.name, "cuda", self.device.index or 0)
+        self.session.run_with_iobinding(binding)
+        outs = []
+        for value in binding.get_outputs():
+            try:  # zero copy where this onnxruntime build has DLPack
+                outs.append(torch.from_dlpack(value))
+            except Exception:
+                _warn_once("this onnxruntime build cannot share CUDA outputs through DLPack; "
+                           "outputs are copied through the host")
+                outs.append(torch.from_numpy(value.numpy()).to(self.device))
+        return outs
+
+
+def _graph_key(program: Program, fingerprint: str, provider: str) -> str:
+    h = hashlib.sha256(fingerprint.encode())
+    h.update(provider.encode())
+    h.update(program.gm.code.encode())
+    for node in program.graph.nodes:
+        if node.op == "placeholder":
+            h.update(str(node.meta.get("val")).encode())
+    for name, t in program.weights.items():
+        h.update(f"{name}:{t.data_ptr()}:{tuple(t.shape)}:{t.dtype}".encode())
+    for name, t in program.gm.named_buffers():
+        h.update(f"{name}:{t.data_ptr()}:{tuple(t.shape)}:{t.dtype}".encode())
+    return h.hexdigest()
+
+
+def compile_onnxruntime(program: Program, example_inputs: Sequence[Any], *,
+                        fingerprint: str = "") -> OrtRunner:
+    """An ONNX Runtime session for the rewritten program; cached per graph + recipe."""
+    placeholders = [n for n in program.graph.nodes if n.op == "placeholder"]
+    positions = [i for i, n in enumerate(placeholders) if n.name not in program.weights
+                 and isinstance(n.meta.get("val"), torch.Tensor)]
+    tensors = [t for t in example_inputs if isinstance(t, torch.Tensor)]
+    device = tensors[0].device if tensors else torch.device("cpu")
+    provider = pick_provider(device)
+    key = _graph_key(program, fingerprint, provider)
+    if key in _SESSIONS:
+        _SESSIONS.move_to_end(key)
+        return _SESSIONS[key]
+    prepare(program)
+    args = [_example(example_inputs[i], placeholders[i]) for i in positions]
+    tmp = tempfile.TemporaryDirectory(prefix="llmcompile-ort-")
+    model = to_onnx(program, args, Path(tmp.name) / "graph.onnx", provider=provider)
+    for note in model.notes:
+        log.info("llmcompile: %s", note)
+    runner = OrtRunner(model, provider, positions, device)
+    runner._tmp = tmp
+    _SESSIONS[key] = runner
+    while len(_SESSIONS) > _MAX_SESSIONS:
+        _SESSIONS.popitem(last=False)
+    return runner
+
+
+def _example(value: Any, node: fx.Node) -> torch.Tensor:
+    if not isinstance(value, torch.Tensor):
+        raise OnnxLoweringError(f"input %{node.name} is {type(value).__name__}, not a tensor")
+    return value.detach()
