@@ -42,6 +42,16 @@ def default_text() -> str:
     return (importlib.resources.files("llmcompile") / "data" / "calibration.txt").read_text()
 
 
+def load_tokenizer(path: str | Path) -> Any:
+    """A transformers tokenizer from a folder (GGUF files included)."""
+    from transformers import AutoTokenizer
+
+    folder = Path(path)
+    ggufs = sorted(folder.glob("*.gguf")) if folder.is_dir() else []
+    kwargs = {"gguf_file": ggufs[0].name} if ggufs else {}
+    return AutoTokenizer.from_pretrained(folder, **kwargs)
+
+
 def calibration_tokens(tokenizer: Any, text: str | Path | None, n_tokens: int) -> torch.Tensor:
     """``n_tokens`` token ids of the calibration text (a 1-d tensor)."""
     if tokenizer is None:
@@ -50,12 +60,7 @@ def calibration_tokens(tokenizer: Any, text: str | Path | None, n_tokens: int) -
             "llmcompile.compile(model, recipe, tokenizer=tok) or "
             "options={'recipe': ..., 'tokenizer': tok or its path}; or choose method='rtn'")
     if isinstance(tokenizer, (str, Path)):
-        from transformers import AutoTokenizer
-
-        folder = Path(tokenizer)
-        ggufs = sorted(folder.glob("*.gguf")) if folder.is_dir() else []
-        kwargs = {"gguf_file": ggufs[0].name} if ggufs else {}
-        tokenizer = AutoTokenizer.from_pretrained(folder, **kwargs)
+        tokenizer = load_tokenizer(tokenizer)
     if text is None or text == "":
         body = default_text()
     elif Path(str(text)).is_file():

@@ -5,7 +5,8 @@
 * AWQ-style search: per-input-channel scales ``s = mean|x|^α`` (α on a grid, α = 0 is plain
   round-to-nearest) and a clipping ratio, chosen to minimise ``‖x Wᵀ − x Ŵᵀ‖²`` on calibration
   activations; ``Ŵ = Q(W·s)/s``, and the graph divides ``x`` by ``s`` at run time.
-* CPU packing for ``aten._weight_int8pack_mm`` / ``aten._weight_int4pack_mm_for_cpu``.
+* CPU packing for ``aten._weight_int8pack_mm`` / ``aten._weight_int4pack_mm_for_cpu``, and
+  ONNX Runtime's ``MatMulNBits`` layout (blocks along K, integer zero points).
 
 Weights are ``[N, K]`` (out, in) as in ``aten.linear``.
 """
@@ -17,7 +18,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-__all__ = ["Int4Weight", "awq_search", "dequantize_int4", "quantize_int4", "quantize_int8"]
+__all__ = ["Int4Weight", "awq_search", "dequantize_int4", "int8_nbits", "quantize_int4",
+           "quantize_int8"]
+
+NBITS_INT8_BLOCK = 32
 
 
 def quantize_int8(w: Tensor) -> tuple[Tensor, Tensor]:
@@ -52,17 +56,59 @@ class Int4Weight:
         return packed, sz.to(torch.bfloat16)
 
 
-def quantize_int4(w: Tensor, group_size: int, clip: float = 1.0) -> Int4Weight:
-    """Round-to-nearest int4 with a float offset per group; ``clip`` shrinks the range."""
+def _range(hi: Tensor, lo: Tensor, integer_zero: bool) -> tuple[Tensor, Tensor]:
+    """(scale, low) of a group range; with ``integer_zero`` the range includes 0 and
+    ``low = -zero * scale`` for an integer ``zero`` in [0, 15] (ONNX Runtime's layout)."""
+    if integer_zero:
+        hi, lo = hi.clamp(min=0), lo.clamp(max=0)
+    scale = ((hi - lo) / 15.0).clamp(min=1e-8)
+    if integer_zero:
+        lo = -torch.round(-lo / scale).clamp(0, 15) * scale
+    return scale, lo
+
+
+def quantize_int4(w: Tensor, group_size: int, clip: float = 1.0, integer_zero: bool = False
+                  ) -> Int4Weight:
+    """Round-to-nearest int4 with an offset per group; ``clip`` shrinks the range."""
     n, k = w.shape
     g = w.float().view(n, k // group_size, group_size)
     hi, lo = g.amax(-1), g.amin(-1)
     if clip < 1.0:
         mid = (hi + lo) / 2
         hi, lo = mid + (hi - mid) * clip, mid + (lo - mid) * clip
-    scale = ((hi - lo) / 15.0).clamp(min=1e-8)
+    scale, lo = _range(hi, lo, integer_zero)
     q = torch.round((g - lo[..., None]) / scale[..., None]).clamp(0, 15).to(torch.uint8)
     return Int4Weight(q.view(n, k), scale, lo, group_size)
+
+
+def _pack_nibbles(values: Tensor) -> Tensor:
+    """uint8 values in [0, 15], ``[..., 2m]`` -> bytes ``[..., m]``, low nibble first."""
+    return (values[..., 0::2] | (values[..., 1::2] << 4)).to(torch.uint8)
+
+
+def int4_nbits(w: Int4Weight, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
+    """``(qweight [N, K/G, G/2], scales [N·K/G], zero_points [N·ceil(K/G/2)])`` for
+    ``MatMulNBits`` (bits = 4, block = G); needs integer zero points (``integer_zero``)."""
+    n, k = w.q.shape
+    blocks = k // w.group_size
+    zero = torch.round(-w.low / w.scale).clamp(0, 15).to(torch.uint8)  # [N, K/G]
+    if not torch.allclose(-zero.float() * w.scale, w.low, atol=1e-6, rtol=1e-4):
+        raise ValueError("int4 weight has fractional zero points; quantize with integer_zero")
+    if blocks % 2:
+        zero = torch.cat([zero, torch.zeros(n, 1, dtype=torch.uint8)], dim=1)
+    qweight = _pack_nibbles(w.q.view(n, blocks, w.group_size))
+    return qweight, w.scale.to(dtype).reshape(-1), _pack_nibbles(zero).reshape(-1)
+
+
+def int8_nbits(q: Tensor, scale: Tensor, dtype: torch.dtype, block: int = NBITS_INT8_BLOCK
+               ) -> tuple[Tensor, Tensor]:
+    """Per-channel symmetric int8 (``q [N, K]``, ``scale [N]``) as ``MatMulNBits`` bits = 8:
+    ``(qweight uint8 [N, ceil(K/B), B], scales [N·ceil(K/B)])``; zero point 128 (default)."""
+    n, k = q.shape
+    blocks = -(-k // block)
+    u = torch.full((n, blocks * block), 128, dtype=torch.uint8)
+    u[:, :k] = (q.to(torch.int16) + 128).to(torch.uint8)
+    return u.view(n, blocks, block), scale.to(dtype)[:, None].expand(n, blocks).reshape(-1)
 
 
 def dequantize_int4(w: Tensor, group_size: int, clip: float = 1.0) -> Tensor:
@@ -97,7 +143,7 @@ def awq_search(w: Tensor, x_absmean: Tensor, x: Tensor, group_size: int, grid: i
 
 
 def gptq_int4(w: Tensor, xtx: Tensor, group_size: int, damp: float = 0.01,
-              scales: Tensor | None = None) -> Int4Weight:
+              scales: Tensor | None = None, integer_zero: bool = False) -> Int4Weight:
     """GPTQ-style int4: quantize column by column, feeding each column's rounding error back
     into the columns not yet quantized, weighted by the inverse Hessian ``(XᵀX)⁻¹``.
 
@@ -126,9 +172,8 @@ def gptq_int4(w: Tensor, xtx: Tensor, group_size: int, damp: float = 0.01,
         errors = torch.zeros_like(block)
         h_block = hinv[b0:b1, b0:b1]
         g = b0 // group_size
-        hi, lo = block.amax(1), block.amin(1)
-        scale[:, g] = ((hi - lo) / 15.0).clamp(min=1e-8)
-        low[:, g] = lo
+        scale[:, g], low[:, g] = _range(block.amax(1), block.amin(1), integer_zero)
+        lo = low[:, g]
         for j in range(group_size):
             col = block[:, j]
             qj = torch.round((col - lo) / scale[:, g]).clamp(0, 15)

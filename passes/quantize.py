@@ -2,10 +2,16 @@
 
     linear(x, W, b)  ==>  llmcompile.int8_linear(x, q8(W), s, b)                     bits = 8
     linear(x, W, b)  ==>  llmcompile.int4_linear(x / a, q4(W · a), scales_zeros, G, b)  bits = 4
+    linear(x, W, b)  ==>  llmcompile.matmul_nbits(x [/ a], qW, scales, zeros, K, bits, G, b)
+                                                          target "onnxruntime" (MatMulNBits)
 
 ``W`` must be a model weight (or a folded one, e.g. a fused Q/K/V weight); it is quantized and
 packed once, at compile time. ``a`` are AWQ scales (``method = "awq"``, searched on calibration
 text) or ones (``"rtn"``, round-to-nearest). ``skip`` lists module-path globs kept in float.
+For the ``onnxruntime`` target the weights are laid out for ONNX Runtime's ``MatMulNBits``
+(int4 with integer zero points; int8 per channel as 8-bit blocks of 32) and
+``accuracy_level`` tells it which compute it may use (4: int8 activations, fastest on CPU;
+0: the activations' own dtype).
 """
 
 from __future__ import annotations
@@ -46,6 +52,12 @@ def int4_replacement(x, packed, scales_zeros, group_size: int, inv_scale=None, b
                            group_size, b)
 
 
+def nbits_replacement(x, qweight, scales, k: int, bits: int, block_size: int,
+                      accuracy_level: int, zero_points=None, inv_scale=None, b=None):
+    return ops.matmul_nbits(x if inv_scale is None else x * inv_scale, qweight, scales,
+                            zero_points, k, bits, block_size, accuracy_level, b)
+
+
 @dataclass(frozen=True)
 class QuantizeConfig(PassConfig):
     """int8 per-channel symmetric or int4 grouped asymmetric weight-only quantization."""
@@ -58,8 +70,13 @@ class QuantizeConfig(PassConfig):
     skip: tuple[str, ...] = ()
     calibration: dict = field(default_factory=dict)
     seed: int = 0
+    accuracy_level: int = 4
 
     def validate(self) -> None:
+        if self.accuracy_level not in (0, 1, 2, 3, 4):
+            raise RecipeError(f"quantize_weights.accuracy_level: {self.accuracy_level!r} is not "
+                              "valid; choose 0 (activation dtype), 1 (fp32), 2 (fp16), "
+                              "3 (bf16) or 4 (int8)")
         if self.bits == 4 and self.group_size not in GROUP_SIZES:
             raise RecipeError(f"quantize_weights.group_size: {self.group_size} is not valid; "
                               f"choose one of {', '.join(map(str, GROUP_SIZES))}")
@@ -92,9 +109,10 @@ class QuantizeConfig(PassConfig):
                 raise RecipeError(f"quantize_weights.group_size: {self.group_size} does not "
                                   f"divide the input width {k} of {paths[node.name]}; valid "
                                   f"for this model: {valid or 'none (skip this layer)'}")
-        keys = {n.name: _key(program, n, self) for n in keep}  # one weight checksum per layer
+        onnx = program.context.get("target") == "onnxruntime"
+        keys = {n.name: (*_key(program, n, self), onnx) for n in keep}  # one checksum a layer
         activations = self._calibrate(program, keep, keys) if self.method != "rtn" else {}
-        apply_rules(program, self._rules(keys, activations), stats)
+        apply_rules(program, self._rules(keys, activations, onnx), stats)
 
     def _calibrate(self, program, nodes, keys: dict[str, tuple]) -> dict:
         cal = {**CALIBRATION_KEYS, **self.calibration}
@@ -108,20 +126,22 @@ class QuantizeConfig(PassConfig):
             raise RecipeError(str(e)) from None
         return collect_inputs(program, todo, tokens, seed=self.seed)
 
-    def _rules(self, keys: dict[str, tuple], activations: dict) -> RuleSet:
+    def _rules(self, keys: dict[str, tuple], activations: dict, onnx: bool) -> RuleSet:
         def check(m: Match) -> Reject | dict:
             if m.anchor.name not in keys:
                 return Reject("not selected (skipped, not a 2-d float weight, or no weight)")
-            if self.bits == 4 and m.shape("w")[0] % 16:
+            if self.bits == 4 and m.shape("w")[0] % 16 and not onnx:
                 return Reject(f"output width {m.shape('w')[0]} is not a multiple of 16, which "
                               "the int4 CPU kernel needs")
             key = keys[m.anchor.name]
             if key not in _CACHE:
-                _CACHE[key] = self._quantize(m.weight("w"), activations.get(m.anchor.name))
+                _CACHE[key] = self._quantize(m.weight("w"), activations.get(m.anchor.name),
+                                             onnx)
             return dict(_CACHE[key])
 
-        replacement = int8_replacement if self.bits == 8 else int4_replacement
-        name = f"int{self.bits}_linear"
+        replacement = (nbits_replacement if onnx else int8_replacement if self.bits == 8
+                       else int4_replacement)
+        name = f"int{self.bits}_linear" + ("_nbits" if onnx else "")
         return RuleSet(name, [
             Rule(name, linear, _without_bias(replacement), check=check,
                  example={"x": (2, 8), "w": (4, 8)}),
@@ -129,23 +149,34 @@ class QuantizeConfig(PassConfig):
                  example={"x": (2, 8), "w": (4, 8), "b": (4,)}),
         ])
 
-    def _quantize(self, w: torch.Tensor, act) -> dict[str, Any]:
-        if w.device.type != "cpu":
+    def _quantize(self, w: torch.Tensor, act, onnx: bool) -> dict[str, Any]:
+        if w.device.type != "cpu" and not onnx:
             raise RecipeError(f"quantize_weights: packed {self.bits}-bit kernels are wired for "
                               f"CPU only in this version (weight on {w.device})")
+        nbits = {"k": w.shape[1], "bits": self.bits, "accuracy_level": self.accuracy_level}
+        w = w.detach().cpu()  # packed on the host: they become ONNX initializers or CPU packs
         if self.bits == 8:
             q, s = quant.quantize_int8(w.float())
+            if onnx:
+                qweight, scales = quant.int8_nbits(q, s, w.dtype)
+                return {"qweight": qweight, "scales": scales,
+                        "block_size": quant.NBITS_INT8_BLOCK, **nbits}
             return {"wq": q, "scales": s.to(torch.bfloat16)}
         scales, clip = None, 1.0
         if act is not None and "awq" in self.method:
             scales, clip = quant.awq_search(w, act.absmean, act.sample, self.group_size)
         if act is not None and "gptq" in self.method:
-            wq = quant.gptq_int4(w, act.xtx, self.group_size, scales=scales)
+            wq = quant.gptq_int4(w, act.xtx, self.group_size, scales=scales, integer_zero=onnx)
         else:
             wq = quant.quantize_int4(w.float() * scales if scales is not None else w.float(),
-                                     self.group_size, clip)
-        packed, sz = wq.pack_cpu()
-        out = {"packed": packed, "scales_zeros": sz, "group_size": self.group_size}
+                                     self.group_size, clip, integer_zero=onnx)
+        if onnx:
+            qweight, scales_, zeros = quant.int4_nbits(wq, w.dtype)
+            out = {"qweight": qweight, "scales": scales_, "zero_points": zeros,
+                   "block_size": self.group_size, **nbits}
+        else:
+            packed, sz = wq.pack_cpu()
+            out = {"packed": packed, "scales_zeros": sz, "group_size": self.group_size}
         if scales is not None:
             out["inv_scale"] = (1.0 / scales).to(w.dtype)
         return out
