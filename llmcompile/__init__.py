@@ -5,6 +5,8 @@
 
 Public API (everything else may move):
   compile, explain          -- compile a model / callable, or report what the rules would do
+  export                    -- write an ONNX file (KV-cache I/O, contrib ops) for deployment
+  onnx.OnnxCausalLM         -- run such a file (greedy generation) with onnxruntime
   Recipe, RecipeError, load_recipe, presets
   Rule, RuleSet, Reject, Match, UserRules   -- write your own rules
   ops                       -- the fused ops rules introduce (torch.ops.llmcompile.*)
@@ -16,6 +18,10 @@ from __future__ import annotations
 import os
 from typing import Any
 
+# load the submodules named like the facade functions first, so the functions defined below
+# (not the modules) stay the package attributes ``llmcompile.explain`` / ``llmcompile.export``
+from . import explain as _explain_module  # noqa: F401
+from . import export as _export_module  # noqa: F401
 from . import ops
 from .pipeline import Report, UserRules
 from .recipe import PassConfig, Recipe, RecipeError, presets
@@ -26,7 +32,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Match", "PassConfig", "Recipe", "RecipeError", "Reject", "Report", "Rule", "RuleSet",
-    "UserRules", "compile", "explain", "load_recipe", "ops", "presets",
+    "UserRules", "compile", "explain", "export", "load_recipe", "ops", "presets",
 ]
 
 
@@ -56,6 +62,13 @@ def _tokenizer_path(model: Any):
     owner = getattr(model, "__self__", model)  # a bound forward -> its module
     path = getattr(getattr(owner, "config", None), "_name_or_path", "") or ""
     return path if path and os.path.isdir(path) else None
+
+
+def export(model: Any, path: Any, recipe: Any = None, **kwargs: Any):
+    """Export a causal LM rewritten by ``recipe`` to an ONNX file (see llmcompile.export)."""
+    from .export import export as _export
+
+    return _export(model, path, recipe, **kwargs)
 
 
 def explain(model: Any, recipe: Any = None, example_inputs: Any = None) -> list[Report]:

@@ -1,10 +1,11 @@
-"""The ``llmcompile`` command line: explain, recipes, bench."""
+"""The ``llmcompile`` command line: explain, recipes, quality, bench, export, generate."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from .recipe import RecipeError, presets, resolve_recipe
 
@@ -37,6 +38,36 @@ def _recipes(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export(args: argparse.Namespace) -> int:
+    import logging
+
+    from .export import export
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    result = export(args.model, args.output, args.recipe, tokenizer=args.tokenizer,
+                    provider=args.provider)
+    print(f"wrote {result.path} ({result.size_bytes / 2**20:.1f} MiB with external data), "
+          f"recipe {result.report.recipe!r}")
+    for name, count in sorted(result.report.counts().items()):
+        if count:
+            print(f"  {name:<28} {count}")
+    for note in result.notes:
+        print(f"  note: {note}")
+    return 0
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from .onnx import OnnxCausalLM
+
+    lm = OnnxCausalLM(args.model, threads=args.threads)
+    from .calibrate import load_tokenizer
+
+    tokenizer = load_tokenizer(args.model.parent)
+    ids = tokenizer(args.prompt).input_ids
+    print(tokenizer.decode(lm.generate(ids, args.max_new_tokens)))
+    return 0
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="llmcompile", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -58,6 +89,31 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("quality", help="perplexity of recipes on held-out text")
     quality.add_arguments(p)
     p.set_defaults(func=quality.main)
+
+    p = sub.add_parser("export", help="write an ONNX file (KV-cache I/O) for deployment")
+    p.add_argument("model", help="'smollm2', a tiny architecture name or a transformers folder")
+    p.add_argument("output", help="the .onnx file to write (weights go to <output>.data)")
+    p.add_argument("--recipe", default="default", help="preset name or .toml path")
+    p.add_argument("--tokenizer", help="tokenizer folder (calibrated recipes; saved with "
+                   "the file); default: the model's own folder")
+    p.add_argument("--provider", default="CPUExecutionProvider",
+                   choices=["CPUExecutionProvider", "CUDAExecutionProvider"],
+                   help="emit the contrib ops this provider runs")
+    p.set_defaults(func=_export)
+
+    p = sub.add_parser("generate", help="greedy generation with an exported ONNX file")
+    p.add_argument("model", type=Path, help="the .onnx file written by `llmcompile export`")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--threads", type=int, default=None)
+    p.set_defaults(func=_generate)
+
+    from . import bench_onnx
+
+    p = sub.add_parser("bench-onnx", help="exported ONNX files vs torch.onnx.export + ONNX "
+                       "Runtime's optimizer: size, prefill, decode")
+    bench_onnx.add_arguments(p)
+    p.set_defaults(func=bench_onnx.main)
 
     try:
         from . import bench

@@ -186,6 +186,7 @@ def export(model: Any, path: str | Path, recipe: Any = None, *, tokenizer: Any =
         ep = torch.export.export(_CausalLM(module, layers).eval(), (ids, positions, past),
                                  dynamic_shapes=dynamic, strict=False)
     program = capture_export(ep)
+    program.path_prefix = "model."  # _CausalLM.model: paths read as in the model itself
     program.context.update(target="onnxruntime", tokenizer=tokenizer)
     program.example_inputs = _calibration_inputs(program, geometry, dtype, device)
     log.info("llmcompile export: running recipe %r", recipe.name)

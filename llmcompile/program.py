@@ -36,6 +36,8 @@ class Program:
     example_inputs: list | None = None
     #: what passes may need beyond the graph (e.g. ``tokenizer`` for calibration)
     context: dict[str, Any] = field(default_factory=dict)
+    #: stripped from module paths (a wrapper module's attribute name, e.g. ``"model."``)
+    path_prefix: str = ""
     _const_ids: itertools.count = field(default_factory=itertools.count, repr=False)
 
     @property
@@ -72,8 +74,8 @@ class Program:
         stack = node.meta.get("nn_module_stack") or {}
         if not stack:
             return ""
-        path = list(stack.values())[-1][0]
-        return _clean_module_path(path)
+        path = _clean_module_path(list(stack.values())[-1][0])
+        return path.removeprefix(self.path_prefix) if self.path_prefix else path
 
     def recompile(self) -> None:
         self.graph.lint()

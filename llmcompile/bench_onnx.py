@@ -1,0 +1,180 @@
+"""``llmcompile bench-onnx``: llmcompile's ONNX export against the ONNX Runtime peer path.
+
+Side by side, in one run, on the same ONNX Runtime and thread count:
+
+* ``peer-fp32``: ``torch.onnx.export`` of the same model (same KV-cache I/O), then ONNX
+  Runtime's own transformer optimizer (``onnxruntime.transformers.optimizer``);
+* ``peer-int4``: that file quantized by ONNX Runtime's ``MatMulNBitsQuantizer`` (round to
+  nearest, block 64, accuracy level 4; LM head left in float like our int4 preset);
+* ``llmcompile-<recipe>``: ``llmcompile.export`` with each recipe (default: fp32 fusion, int4).
+
+For each: file size (with external data), prefill latency, decode tokens/s and whether the
+greedy tokens agree with eager PyTorch. Timing rounds are interleaved across configurations.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+__all__ = ["add_arguments", "main", "run"]
+
+
+def _peer_export(model, folder: Path, threads: int) -> Path:
+    """torch.onnx.export of the model with the same I/O, optimized by ONNX Runtime."""
+    from onnxruntime.transformers.optimizer import optimize_model
+    from torch.export import Dim
+
+    from .export import _CausalLM, _geometry, _names
+
+    geo = _geometry(model.config)
+    past = tuple(torch.randn(2, geo["kv_heads"], 4, geo["head_dim"])
+                 for _ in range(2 * geo["layers"]))
+    ids = torch.randint(0, geo["vocab_size"], (2, 3))
+    pos = (torch.arange(3) + 4).expand(2, 3).contiguous()
+    b, s, p = Dim("batch"), Dim("sequence"), Dim("past_sequence")
+    dynamic = ({0: b, 1: s}, {0: b, 1: s}, tuple({0: b, 2: p} for _ in past))
+    with torch.no_grad():
+        ep = torch.export.export(_CausalLM(model, geo["layers"]).eval(), (ids, pos, past),
+                                 dynamic_shapes=dynamic, strict=False)
+    inputs, outputs = _names(geo["layers"])
+    raw = folder / "peer-raw.onnx"
+    torch.onnx.export(ep, (ids, pos, past), dynamo=True, opset_version=20, verbose=False,
+                      report=False, input_names=inputs, output_names=outputs
+                      ).save(str(raw), external_data=True)
+    text = model.config
+    optimized = optimize_model(str(raw), model_type="gpt2", num_heads=text.num_attention_heads,
+                               hidden_size=text.hidden_size, opt_level=2, use_gpu=False,
+                               only_onnxruntime=False)
+    out = folder / "peer-fp32.onnx"
+    optimized.save_model_to_file(str(out), use_external_data_format=True)
+    _sidecar(out, geo, inputs, outputs, model)
+    return out
+
+
+def _peer_int4(fp32: Path, folder: Path, block: int) -> Path:
+    import onnx
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    model = onnx.load(str(fp32))
+    heads = [n.name for n in model.graph.node if n.op_type in ("MatMul", "Gemm")
+             and any("lm_head" in i for i in n.input)]
+    quantizer = MatMulNBitsQuantizer(model, bits=4, block_size=block, is_symmetric=False,
+                                     accuracy_level=4, nodes_to_exclude=heads)
+    quantizer.process()
+    out = folder / "peer-int4.onnx"
+    quantizer.model.save_model_to_file(str(out), use_external_data_format=True)
+    out.with_name(out.stem + ".llmcompile.json").write_text(
+        fp32.with_name(fp32.stem + ".llmcompile.json").read_text())
+    return out
+
+
+def _sidecar(path: Path, geo: dict, inputs, outputs, model) -> None:
+    meta = {**geo, "dtype": "float32", "inputs": inputs, "outputs": outputs,
+            "eos_token_id": getattr(model.config, "eos_token_id", None)}
+    path.with_name(path.stem + ".llmcompile.json").write_text(json.dumps(meta))
+
+
+def _size(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.parent.glob(path.name + "*")
+               if not f.name.endswith(".json"))
+
+
+def _time_once(lm, prompt: np.ndarray, new_tokens: int) -> tuple[float, float, list[int]]:
+    start = time.perf_counter()
+    logits, past = lm.forward(prompt[None])
+    prefill = time.perf_counter() - start
+    tokens = []
+    start = time.perf_counter()
+    for _ in range(new_tokens):
+        token = int(logits[0, -1].argmax())
+        tokens.append(token)
+        logits, past = lm.forward(np.array([[token]], dtype=np.int64), past)
+    return prefill, new_tokens / (time.perf_counter() - start), tokens
+
+
+def run(recipes: tuple[str, ...] = ("default", "int4"), prompt_len: int = 128,
+        new_tokens: int = 32, repeats: int = 5, threads: int = 2, folder: str = "bench-onnx",
+        block: int = 64) -> dict[str, Any]:
+    from .export import export
+    from .models import greedy_generate, load_smollm2, smollm2_folder
+    from .onnx import OnnxCausalLM
+
+    model, tokenizer = load_smollm2()
+    root = Path(folder)
+    root.mkdir(parents=True, exist_ok=True)
+    files: dict[str, Path] = {}
+    build: dict[str, float] = {}
+    start = time.perf_counter()
+    files["peer-fp32"] = _peer_export(model, root, threads)
+    build["peer-fp32"] = time.perf_counter() - start
+    start = time.perf_counter()
+    files["peer-int4"] = _peer_int4(files["peer-fp32"], root, block)
+    build["peer-int4"] = time.perf_counter() - start
+    for recipe in recipes:
+        start = time.perf_counter()
+        sub = root / f"llmcompile-{recipe}"
+        files[f"llmcompile-{recipe}"] = export(model, sub / "model.onnx", recipe,
+                                               tokenizer=str(smollm2_folder())).path
+        build[f"llmcompile-{recipe}"] = time.perf_counter() - start
+    text = (Path(__file__).parent / "data" / "eval_emma.txt").read_text()
+    prompt = tokenizer(text, return_tensors="np").input_ids[0, :prompt_len].astype(np.int64)
+    eager = greedy_generate(model, model.forward, torch.from_numpy(prompt)[None], new_tokens)
+    sessions = {name: OnnxCausalLM(path, threads=threads) for name, path in files.items()}
+    for lm in sessions.values():  # warm up (first-touch memory, kernel packing)
+        _time_once(lm, prompt, 4)
+    timings: dict[str, list] = {name: [] for name in sessions}
+    for _ in range(repeats):
+        for name, lm in sessions.items():
+            timings[name].append(_time_once(lm, prompt, new_tokens))
+    rows = []
+    for name, runs in timings.items():
+        rows.append({"config": name, "file_mib": _size(files[name]) / 2**20,
+                     "build_s": build[name],
+                     "prefill_ms": 1000 * statistics.median(r[0] for r in runs),
+                     "decode_tok_s": statistics.median(r[1] for r in runs),
+                     "tokens_match_eager": runs[0][2] == eager,
+                     "token_agreement": float(np.mean([a == b for a, b in zip(runs[0][2],
+                                                                              eager)]))})
+    return {"model": "SmolLM2-135M-Instruct", "prompt_len": prompt_len,
+            "new_tokens": new_tokens, "repeats": repeats, "threads": threads, "rows": rows}
+
+
+def format_table(result: dict[str, Any]) -> str:
+    peer = {r["config"]: r for r in result["rows"]}
+    lines = ["| config | file MiB | prefill ms | decode tok/s | vs peer (same bits) "
+             "| greedy = eager |", "|---|---|---|---|---|---|"]
+    for r in result["rows"]:
+        bits = "int4" if "int4" in r["config"] else "fp32"
+        base = peer.get(f"peer-{bits}")
+        ratio = r["decode_tok_s"] / base["decode_tok_s"] if base else float("nan")
+        match = "yes" if r["tokens_match_eager"] else f"{r['token_agreement']:.0%} of tokens"
+        lines.append(f"| {r['config']} | {r['file_mib']:.1f} | {r['prefill_ms']:.1f} | "
+                     f"{r['decode_tok_s']:.1f} | {ratio:.2f}x | {match} |")
+    return "\n".join(lines)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--recipes", nargs="+", default=["default", "int4"])
+    p.add_argument("--prompt-len", type=int, default=128)
+    p.add_argument("--new-tokens", type=int, default=32)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--folder", default="bench-onnx", help="where the ONNX files are written")
+    p.add_argument("--json", help="also write the results to this JSON file")
+
+
+def main(args: argparse.Namespace) -> int:
+    result = run(tuple(args.recipes), args.prompt_len, args.new_tokens, args.repeats,
+                 args.threads, args.folder)
+    print(format_table(result))
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2))
+    return 0

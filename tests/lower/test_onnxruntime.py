@@ -1,0 +1,231 @@
+"""The ONNX Runtime target and ONNX export on tiny real architectures (CPU provider).
+
+``torch.compile(..., target="onnxruntime")`` and exported files must match eager at fp32
+precision, contain the expected contrib ops, and fail clearly (with the Inductor fallback for
+``torch.compile``) where a graph cannot be exported.
+"""
+
+import collections
+import logging
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from llmcompile import export, ops, quant
+from llmcompile.lower import onnxruntime as lower
+from llmcompile.lower.onnxruntime import OnnxLoweringError
+from llmcompile.models import ARCHITECTURES, greedy_generate, tiny_model
+from llmcompile.onnx import OnnxCausalLM
+
+pytest.importorskip("onnxruntime")
+
+ORT = {"target": "onnxruntime", "fallback": False}
+CONTRIB = ("GroupQueryAttention", "SkipSimplifiedLayerNormalization",
+           "SimplifiedLayerNormalization", "RotaryEmbedding", "MatMulNBits")
+# per tiny model (2 layers): GQA per layer; residual norms 2 per layer; rotary on q and k
+LLAMA_OPS = {"GroupQueryAttention": 2, "SkipSimplifiedLayerNormalization": 4,
+             "SimplifiedLayerNormalization": 1, "RotaryEmbedding": 4}
+EXPECTED_OPS = {arch: LLAMA_OPS for arch in ("llama", "qwen2", "mistral", "phi3", "gemma")}
+EXPECTED_OPS |= {"gpt2": {"GroupQueryAttention": 2}, "gptj": {"GroupQueryAttention": 2}}
+
+
+def op_counts(path) -> dict[str, int]:
+    model = onnx.load(str(path), load_external_data=False)
+    counts = collections.Counter(n.op_type for n in model.graph.node if n.op_type in CONTRIB)
+    return dict(counts)
+
+
+def last_session_ops() -> dict[str, int]:
+    return op_counts(list(lower._SESSIONS.values())[-1].model.path)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_sessions():
+    lower._SESSIONS.clear()
+    yield
+    lower._SESSIONS.clear()
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
+def test_zoo_through_onnxruntime_matches_eager(arch):
+    model = tiny_model(arch)
+    compiled = torch.compile(model, backend="llmcompile", options=ORT, fullgraph=True)
+    for length in (7, 11):  # the second length recompiles with a dynamic sequence
+        ids = torch.randint(0, 256, (2, length), generator=torch.Generator().manual_seed(length))
+        with torch.no_grad():
+            expected = model(input_ids=ids, use_cache=False).logits
+            got = compiled(input_ids=ids, use_cache=False).logits
+        torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+    assert last_session_ops() == EXPECTED_OPS[arch]
+
+
+def test_padding_mask_is_exported_as_standard_ops_and_stays_exact():
+    model = tiny_model("llama")
+    ids = torch.randint(0, 256, (2, 6))
+    mask = torch.ones(2, 6, dtype=torch.long)
+    mask[0, :2] = 0  # left padding: not a causal mask, GroupQueryAttention cannot take it
+    compiled = torch.compile(model, backend="llmcompile", options=ORT, fullgraph=True)
+    with torch.no_grad():
+        expected = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+        got = compiled(input_ids=ids, attention_mask=mask, use_cache=False).logits
+    torch.testing.assert_close(got[1], expected[1], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(got[0, 2:], expected[0, 2:], atol=1e-4, rtol=1e-4)
+    assert "GroupQueryAttention" not in last_session_ops()
+
+
+def test_sessions_are_cached_per_graph_and_recipe():
+    model = tiny_model("llama")
+    ids = torch.randint(0, 256, (1, 5))
+    with torch.no_grad():
+        for _ in range(2):
+            torch._dynamo.reset()
+            torch.compile(model, backend="llmcompile", options=ORT)(input_ids=ids,
+                                                                    use_cache=False)
+    assert len(lower._SESSIONS) == 1
+
+
+def test_missing_cuda_provider_warns_and_runs_on_cpu(caplog):
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        pytest.skip("this onnxruntime has the CUDA provider")
+    lower._warned.clear()
+    with caplog.at_level(logging.WARNING, logger="llmcompile"):
+        assert lower.pick_provider(torch.device("cpu")) == "CPUExecutionProvider"
+        lower.pick_provider(torch.device("cpu"))
+    warnings = [r for r in caplog.records if "CPU provider" in r.getMessage()]
+    assert len(warnings) == 1 and "onnxruntime-gpu" in warnings[0].getMessage()
+
+
+def unsupported(x):
+    return torch.linalg.eigh(x @ x.transpose(-1, -2)).eigenvalues
+
+
+def test_unexportable_graph_names_the_op_and_falls_back(caplog):
+    x = torch.randn(3, 4, 4)
+    with pytest.raises(Exception, match="eigh"):
+        torch.compile(unsupported, backend="llmcompile", options=ORT)(x)
+    torch._dynamo.reset()
+    with caplog.at_level(logging.WARNING, logger="llmcompile"):
+        out = torch.compile(unsupported, backend="llmcompile",
+                            options={"target": "onnxruntime"})(x)
+    torch.testing.assert_close(out, unsupported(x))
+    assert any("falling back to plain Inductor" in r.getMessage() for r in caplog.records)
+
+
+# --- MatMulNBits: layouts and translation ------------------------------------------------
+
+def test_int4_nbits_layout_round_trips():
+    w = torch.randn(48, 96)
+    q = quant.quantize_int4(w, 32, integer_zero=True)
+    qweight, scales, zeros = quant.int4_nbits(q, torch.float32)
+    x = torch.randn(5, 96)
+    got = ops.matmul_nbits(x, qweight, scales, zeros, 96, 4, 32)
+    torch.testing.assert_close(got, x @ q.dequantize().T, atol=1e-4, rtol=1e-4)
+    with pytest.raises(ValueError, match="integer_zero"):
+        quant.int4_nbits(quant.quantize_int4(w, 32), torch.float32)
+
+
+def test_int8_nbits_layout_round_trips_with_padding():
+    w = torch.randn(16, 40)  # K = 40 is not a multiple of the 32-wide block
+    q, s = quant.quantize_int8(w)
+    qweight, scales = quant.int8_nbits(q, s, torch.float32)
+    x = torch.randn(3, 40)
+    got = ops.matmul_nbits(x, qweight, scales, None, 40, 8, 32)
+    torch.testing.assert_close(got, x @ (q.float() * s[:, None]).T, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_matmul_nbits_translation_matches_reference(tmp_path, bits):
+    w = torch.randn(64, 96)
+    if bits == 4:
+        qweight, scales, zeros = quant.int4_nbits(quant.quantize_int4(w, 32, integer_zero=True),
+                                                  torch.float32)
+    else:
+        qweight, scales = quant.int8_nbits(*quant.quantize_int8(w), torch.float32)
+        zeros = None
+    bias = torch.randn(64)
+
+    def fn(x):
+        return ops.matmul_nbits(x, qweight, scales, zeros, 96, bits, 32, 0, bias)
+
+    x = torch.randn(2, 5, 96)
+    compiled = torch.compile(fn, backend="llmcompile", options=ORT)
+    torch.testing.assert_close(compiled(x), fn(x), atol=1e-4, rtol=1e-4)
+    assert last_session_ops() == {"MatMulNBits": 1}
+
+
+# --- export for deployment -----------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def exported_llama(tmp_path_factory):
+    model = tiny_model("llama")
+    result = export(model, tmp_path_factory.mktemp("llama") / "model.onnx")
+    return model, result
+
+
+def test_exported_file_is_valid_with_contrib_ops_and_named_axes(exported_llama):
+    _, result = exported_llama
+    onnx.checker.check_model(str(result.path), full_check=True)
+    assert op_counts(result.path) == LLAMA_OPS
+    graph = onnx.load(str(result.path), load_external_data=False).graph
+    dims = {v.name: [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]
+            for v in [*graph.input, *graph.output]}
+    assert dims["input_ids"] == ["batch", "sequence"]
+    assert dims["past_key_values.1.value"] == ["batch", 2, "past_sequence", 16]
+    assert dims["present.0.key"] == ["batch", 2, "total_sequence", 16]
+    assert result.path.with_name("model.onnx.data").stat().st_size > 0  # external weights
+    assert result.report.fired("cached_attention") == 2
+
+
+def test_exported_file_generates_eager_greedy_tokens(exported_llama):
+    model, result = exported_llama
+    lm = OnnxCausalLM(result.path)
+    ids = torch.randint(3, 256, (1, 9), generator=torch.Generator().manual_seed(1))
+    assert lm.generate(ids[0].tolist(), 12, eos_token_id=-1) == greedy_generate(
+        model, model.forward, ids, 12)
+
+
+def test_exported_file_decodes_a_batch_with_a_cache(exported_llama):
+    model, result = exported_llama
+    lm = OnnxCausalLM(result.path)
+    ids = torch.randint(3, 256, (2, 6))
+    nxt = torch.randint(3, 256, (2, 1))
+    _, past = lm.forward(ids.numpy())
+    logits, present = lm.forward(nxt.numpy(), past)
+    with torch.no_grad():
+        expected = model(input_ids=torch.cat([ids, nxt], 1), use_cache=False).logits[:, -1:]
+    np.testing.assert_allclose(logits, expected.numpy(), atol=1e-4, rtol=1e-4)
+    assert present[0].shape == (2, 2, 7, 16)
+
+
+def test_int4_export_holds_packed_weights_only(tmp_path, exported_llama):
+    model, fp32 = exported_llama
+    result = export(model, tmp_path / "int4.onnx", "int4-rtn")
+    assert op_counts(result.path)["MatMulNBits"] == 8  # 4 GEMMs per layer; lm_head skipped
+    graph = onnx.load(str(result.path), load_external_data=False).graph
+    big_floats = [i.name for i in graph.initializer if i.data_type == onnx.TensorProto.FLOAT
+                  and np.prod(i.dims) >= 64 * 64 and "lm_head" not in i.name
+                  and "embed" not in i.name]
+    assert not big_floats, big_floats  # no dequantized copy of a quantized weight
+    lm = OnnxCausalLM(result.path)
+    ids = torch.randint(3, 256, (1, 8))
+    logits, _ = lm.forward(ids.numpy())
+    with torch.no_grad():
+        expected = model(input_ids=ids, use_cache=False).logits.numpy()
+    assert np.abs(logits - expected).max() < 0.25 * np.abs(expected).max()
+
+
+def test_export_errors_are_clear(tmp_path):
+    with pytest.raises(OnnxLoweringError, match="CPU Inductor kernels"):
+        from llmcompile.lower.onnxruntime import _check_supported
+        from llmcompile.program import capture_function
+
+        packed = quant.quantize_int4(torch.randn(32, 64), 32).pack_cpu()
+        program = capture_function(lambda x: ops.int4_linear(x, *packed, 32),
+                                   [torch.randn(2, 64)])
+        _check_supported(program)
+    with pytest.raises(ValueError, match="unknown tiny architecture|cannot load model"):
+        export("no-such-model", tmp_path / "x.onnx")
