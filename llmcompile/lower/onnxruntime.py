@@ -357,8 +357,7 @@ def _graph_key(program: Program, fingerprint: str, provider: str) -> str:
             h.update(str(node.meta.get("val")).encode())
     for name, t in program.weights.items():
         h.update(f"{name}:{t.data_ptr()}:{tuple(t.shape)}:{t.dtype}".encode())
-    for name, t in program.gm.named_buffers():
-        h.update(f"{name}:{t.data_ptr()}:{tuple(t.shape)}:{t.dtype}".encode())
+    # constants the passes made (folded, packed) derive from these weights and the recipe
     return h.hexdigest()
 
 
