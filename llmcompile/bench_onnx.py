@@ -64,8 +64,14 @@ def _peer_int4(fp32: Path, folder: Path, block: int) -> Path:
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
     model = onnx.load(str(fp32))
+    vocab = json.loads(fp32.with_name(fp32.stem + ".llmcompile.json").read_text())["vocab_size"]
+    weights = {i.name for i in model.graph.initializer if vocab in i.dims}
+    weights |= {n.output[0] for n in model.graph.node  # a transposed copy of the embedding
+                if n.op_type == "Transpose" and n.input[0] in weights}
     heads = [n.name for n in model.graph.node if n.op_type in ("MatMul", "Gemm")
-             and any("lm_head" in i for i in n.input)]
+             and any(i in weights for i in n.input)]  # the LM head stays float, as in ours
+    if not heads:
+        raise RuntimeError("peer-int4: the LM head MatMul was not found")
     quantizer = MatMulNBitsQuantizer(model, bits=4, block_size=block, is_symmetric=False,
                                      accuracy_level=4, nodes_to_exclude=heads)
     quantizer.process()

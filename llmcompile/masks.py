@@ -4,10 +4,10 @@ Models build their causal mask from ``arange`` comparisons of the query and key 
 which op spelling they use differs across transformers versions. Rather than matching every
 spelling, :func:`causal_window` evaluates the mask's subgraph on a grid of sizes (every
 combination of its size symbols up to :data:`GRID`; a static graph at its one size) and
-compares it with a causal mask aligned bottom-right, optionally windowed. A mask that reads any
-tensor data (padding from an ``attention_mask`` input) is never classified, nor is a symbolic
-mask that looks plainly causal on the grid but combines more than one comparison (a window
-wider than the grid would look like that).
+compares it with a causal mask aligned bottom-right, optionally windowed. A window is a
+literal in the graph, so symbolic sizes are also probed just past every integer constant the
+mask's ops take (up to :data:`MAX_PROBE`; a larger constant declines). A mask that reads any
+tensor data (padding from an ``attention_mask`` input) is never classified.
 """
 
 from __future__ import annotations
@@ -22,10 +22,8 @@ import torch.fx as fx
 __all__ = ["GRID", "causal_window"]
 
 GRID = 6
+MAX_PROBE = 4096 + 2
 _SIZE_OPS = {torch.ops.aten.sym_size.int}
-_a = torch.ops.aten
-_LOGIC = {_a.le, _a.lt, _a.ge, _a.gt, _a.eq, _a.ne, _a.logical_and, _a.logical_or,
-          _a.bitwise_and, _a.bitwise_or, _a.__and__, _a.__or__, _a.where, _a.masked_fill}
 
 
 def _subgraph(mask: fx.Node) -> list[fx.Node] | str:
@@ -95,16 +93,46 @@ def _window_of(mask: torch.Tensor) -> int | None:
     return window if bool((plane == _reference(s, t, window)).all()) else None
 
 
+def _constants(nodes: list[fx.Node]) -> set[int]:
+    """Integer literals the mask's ops take (a window would be one of them)."""
+    out: set[int] = set()
+
+    def visit(a):
+        if isinstance(a, (list, tuple)):
+            for b in a:
+                visit(b)
+        elif isinstance(a, int) and not isinstance(a, bool) and GRID < abs(a) < 2**31:
+            out.add(abs(a))
+
+    for node in nodes:
+        visit(node.args)
+        visit(tuple(node.kwargs.values()))
+    return out
+
+
+def _probes(symbols: list, constants: set[int]) -> list[tuple[int, ...]] | str:
+    """Size combinations to check: the full grid, plus every symbol just past each constant."""
+    combos = list(itertools.product(range(1, GRID + 1), repeat=len(symbols)))
+    for c in sorted(constants):
+        if c + 2 > MAX_PROBE:
+            return (f"the mask uses the constant {c}; a window that wide cannot be checked "
+                    f"(probes stop at {MAX_PROBE})")
+        combos += [(c + 1,) * len(symbols), (c + 2,) * len(symbols)]
+    return combos
+
+
 def causal_window(mask: fx.Node) -> int | str:
     """The window of a causal mask built from sizes (0 = plain causal), or why it is not one."""
     nodes = _subgraph(mask)
     if isinstance(nodes, str):
         return nodes
     symbols = sorted(_symbols(nodes), key=str)
+    probes = _probes(symbols, _constants(nodes)) if symbols else [()]
+    if isinstance(probes, str):
+        return probes
     windows: set[int] = set()
-    sizes = range(1, GRID + 1)
     try:
-        for combo in itertools.product(sizes, repeat=len(symbols)):
+        for combo in probes:
             value = _evaluate(nodes, dict(zip(symbols, combo)))
             if not isinstance(value, torch.Tensor) or value.dim() < 2:
                 return "the mask is not a tensor of at least 2 dims"
@@ -118,10 +146,4 @@ def causal_window(mask: fx.Node) -> int | str:
         return f"the mask could not be evaluated on sizes alone: {type(e).__name__}: {e}"
     if len(windows) > 1:
         return f"the mask's window changes with the sizes ({sorted(windows)})"
-    if windows:
-        return windows.pop()
-    compares = [n for n in nodes if getattr(n.target, "overloadpacket", None) in _LOGIC]
-    if symbols and len(compares) > 1:  # plain causal needs one comparison: more may be a
-        return (f"the mask combines {len(compares)} comparisons; on sizes up to {GRID} it "
-                "looks causal, but it may hide a window or another condition")
-    return 0
+    return windows.pop() if windows else 0

@@ -25,3 +25,8 @@ def test_custom_rule_example():
 def test_quickstart_tiny():
     out = _run("examples/quickstart.py", "--tiny", "--new-tokens", "6")
     assert "greedy tokens identical: True" in out
+
+
+def test_onnx_export_tiny():
+    out = _run("examples/onnx_export.py", "--tiny", "--new-tokens", "6")
+    assert "greedy tokens identical: True" in out and "GroupQueryAttention" in out
