@@ -8,8 +8,10 @@ Side by side, in one run, on the same ONNX Runtime and thread count:
   nearest, block 64, accuracy level 4; LM head left in float like our int4 preset);
 * ``llmcompile-<recipe>``: ``llmcompile.export`` with each recipe (default: fp32 fusion, int4).
 
-For each: file size (with external data), prefill latency, decode tokens/s and whether the
-greedy tokens agree with eager PyTorch. Timing rounds are interleaved across configurations.
+For each: file size (with external data), prefill latency, decode tokens/s, Model Bandwidth
+Utilization (initializer bytes read per token -- all but gather-only tables -- × tokens/s ÷
+memory bandwidth measured in the same run) and whether the greedy tokens agree with eager
+PyTorch. Timing rounds are interleaved across configurations.
 """
 
 from __future__ import annotations
@@ -88,6 +90,25 @@ def _sidecar(path: Path, geo: dict, inputs, outputs, model) -> None:
     path.with_name(path.stem + ".llmcompile.json").write_text(json.dumps(meta))
 
 
+def _bytes_per_token(path: Path) -> int:
+    """Bytes of initializers a decode step reads (tables only gathered from are excluded)."""
+    import onnx
+    from onnx import helper
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    users: dict[str, set[str]] = {}
+    for node in graph.node:
+        for name in node.input:
+            users.setdefault(name, set()).add(node.op_type)
+    total = 0
+    for init in graph.initializer:
+        if users.get(init.name, set()) <= {"Gather"}:
+            continue
+        size = helper.tensor_dtype_to_np_dtype(init.data_type).itemsize
+        total += int(np.prod(init.dims)) * size
+    return total
+
+
 def _size(path: Path) -> int:
     return sum(f.stat().st_size for f in path.parent.glob(path.name + "*")
                if not f.name.endswith(".json"))
@@ -109,10 +130,12 @@ def _time_once(lm, prompt: np.ndarray, new_tokens: int) -> tuple[float, float, l
 def run(recipes: tuple[str, ...] = ("default", "int4"), prompt_len: int = 128,
         new_tokens: int = 32, repeats: int = 5, threads: int = 2, folder: str = "bench-onnx",
         block: int = 64) -> dict[str, Any]:
+    from .bench import measure_bandwidth
     from .export import export
     from .models import greedy_generate, load_smollm2, smollm2_folder
     from .onnx import OnnxCausalLM
 
+    bandwidth = measure_bandwidth()
     model, tokenizer = load_smollm2()
     root = Path(folder)
     root.mkdir(parents=True, exist_ok=True)
@@ -142,7 +165,11 @@ def run(recipes: tuple[str, ...] = ("default", "int4"), prompt_len: int = 128,
             timings[name].append(_time_once(lm, prompt, new_tokens))
     rows = []
     for name, runs in timings.items():
+        tps = statistics.median(r[1] for r in runs)
+        read = _bytes_per_token(files[name])
         rows.append({"config": name, "file_mib": _size(files[name]) / 2**20,
+                     "weights_read_mib": read / 2**20,
+                     "mbu": read * tps / (bandwidth["read_GBps"] * 1e9),
                      "build_s": build[name],
                      "prefill_ms": 1000 * statistics.median(r[0] for r in runs),
                      "decode_tok_s": statistics.median(r[1] for r in runs),
@@ -150,20 +177,23 @@ def run(recipes: tuple[str, ...] = ("default", "int4"), prompt_len: int = 128,
                      "token_agreement": float(np.mean([a == b for a, b in zip(runs[0][2],
                                                                               eager)]))})
     return {"model": "SmolLM2-135M-Instruct", "prompt_len": prompt_len,
+            "memory_bandwidth": bandwidth,
             "new_tokens": new_tokens, "repeats": repeats, "threads": threads, "rows": rows}
 
 
 def format_table(result: dict[str, Any]) -> str:
     peer = {r["config"]: r for r in result["rows"]}
-    lines = ["| config | file MiB | prefill ms | decode tok/s | vs peer (same bits) "
-             "| greedy = eager |", "|---|---|---|---|---|---|"]
+    lines = [f"memory bandwidth: read {result['memory_bandwidth']['read_GBps']:.1f} GB/s",
+             "", "| config | file MiB | weights read MiB | prefill ms | decode tok/s | MBU "
+             "| decode vs peer (same bits) | greedy = eager |", "|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
         bits = "int4" if "int4" in r["config"] else "fp32"
         base = peer.get(f"peer-{bits}")
         ratio = r["decode_tok_s"] / base["decode_tok_s"] if base else float("nan")
         match = "yes" if r["tokens_match_eager"] else f"{r['token_agreement']:.0%} of tokens"
-        lines.append(f"| {r['config']} | {r['file_mib']:.1f} | {r['prefill_ms']:.1f} | "
-                     f"{r['decode_tok_s']:.1f} | {ratio:.2f}x | {match} |")
+        lines.append(f"| {r['config']} | {r['file_mib']:.1f} | {r['weights_read_mib']:.1f} | "
+                     f"{r['prefill_ms']:.1f} | {r['decode_tok_s']:.1f} | {r['mbu']:.1%} | "
+                     f"{ratio:.2f}x | {match} |")
     return "\n".join(lines)
 
 

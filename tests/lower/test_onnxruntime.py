@@ -229,3 +229,16 @@ def test_export_errors_are_clear(tmp_path):
         _check_supported(program)
     with pytest.raises(ValueError, match="unknown tiny architecture|cannot load model"):
         export("no-such-model", tmp_path / "x.onnx")
+
+
+def test_ops_a_provider_lacks_are_emitted_as_standard_onnx_and_noted(tmp_path):
+    model = tiny_model("llama")
+    # ONNX Runtime's CUDA GroupQueryAttention has no float32 kernel: standard ops instead
+    result = export(model, tmp_path / "cuda-fp32.onnx", provider="CUDAExecutionProvider")
+    assert any("GroupQueryAttention" in note for note in result.notes), result.notes
+    assert "GroupQueryAttention" not in op_counts(result.path)
+    lm = OnnxCausalLM(result.path, provider="CPUExecutionProvider")  # any provider runs it
+    ids = torch.randint(3, 256, (1, 8))
+    with torch.no_grad():
+        expected = model(input_ids=ids, use_cache=False).logits.numpy()
+    np.testing.assert_allclose(lm.forward(ids.numpy())[0], expected, atol=1e-4, rtol=1e-4)
