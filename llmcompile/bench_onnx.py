@@ -77,6 +77,7 @@ def _peer_int4(fp32: Path, folder: Path, block: int) -> Path:
     quantizer = MatMulNBitsQuantizer(model, bits=4, block_size=block, is_symmetric=False,
                                      accuracy_level=4, nodes_to_exclude=heads)
     quantizer.process()
+    quantizer.model.remove_unused_constant()  # the float weights it replaced
     out = folder / "peer-int4.onnx"
     quantizer.model.save_model_to_file(str(out), use_external_data_format=True)
     out.with_name(out.stem + ".llmcompile.json").write_text(
@@ -181,6 +182,40 @@ def run(recipes: tuple[str, ...] = ("default", "int4"), prompt_len: int = 128,
             "new_tokens": new_tokens, "repeats": repeats, "threads": threads, "rows": rows}
 
 
+def file_quality(folder: str = "bench-onnx", windows: int = 8, seq_len: int = 512,
+                 threads: int = 2) -> dict[str, Any]:
+    """Perplexity on the held-out text, and top-1 agreement with eager fp32, of every exported
+    file in ``folder`` (as written by :func:`run`)."""
+    import torch.nn.functional as F
+
+    from .models import load_smollm2
+    from .onnx import OnnxCausalLM
+    from .quality import DEFAULT_TEXT, _windows
+
+    model, tokenizer = load_smollm2()
+    ids = _windows(tokenizer, DEFAULT_TEXT.read_text(), windows, seq_len)
+    with torch.no_grad():
+        reference = [model(input_ids=w[None], use_cache=False).logits[0] for w in ids]
+    files = {"eager-fp32": None, **{p.stem: p for p in sorted(Path(folder).glob("peer-*.onnx"))
+                                    if p.stem != "peer-raw"},
+             **{p.parent.name: p for p in sorted(Path(folder).glob("llmcompile-*/model.onnx"))}}
+    rows = []
+    for name, path in files.items():
+        lm = OnnxCausalLM(path, threads=threads) if path else None
+        nll, agree, count = 0.0, 0, 0
+        for w, ref in zip(ids, reference):
+            logits = torch.from_numpy(lm.forward(w.numpy()[None])[0][0]) if lm else ref
+            nll += float(F.cross_entropy(logits[:-1].float(), w[1:], reduction="sum"))
+            agree += int((logits.argmax(-1) == ref.argmax(-1)).sum())
+            count += w.numel()
+        rows.append({"config": name, "perplexity": float(np.exp(nll / (count - len(ids)))),
+                     "top1_agreement": agree / count})
+    base = rows[0]["perplexity"]
+    for r in rows:
+        r["change"] = r["perplexity"] / base - 1
+    return {"windows": windows, "seq_len": seq_len, "rows": rows}
+
+
 def format_table(result: dict[str, Any]) -> str:
     peer = {r["config"]: r for r in result["rows"]}
     lines = [f"memory bandwidth: read {result['memory_bandwidth']['read_GBps']:.1f} GB/s",
@@ -205,9 +240,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--folder", default="bench-onnx", help="where the ONNX files are written")
     p.add_argument("--json", help="also write the results to this JSON file")
+    p.add_argument("--quality", type=int, default=0, metavar="WINDOWS",
+                   help="instead of timing, measure perplexity and top-1 agreement of the "
+                   "files already in --folder on WINDOWS x 512 tokens of held-out text")
 
 
 def main(args: argparse.Namespace) -> int:
+    if args.quality:
+        result = file_quality(args.folder, args.quality, threads=args.threads)
+        print("| file | perplexity | change vs eager fp32 | top-1 agreement |\n|---|---|---|---|")
+        for r in result["rows"]:
+            print(f"| {r['config']} | {r['perplexity']:.3f} | {r['change']:+.2%} | "
+                  f"{r['top1_agreement']:.1%} |")
+        if args.json:
+            Path(args.json).write_text(json.dumps(result, indent=2))
+        return 0
     result = run(tuple(args.recipes), args.prompt_len, args.new_tokens, args.repeats,
                  args.threads, args.folder)
     print(format_table(result))

@@ -21,6 +21,7 @@ __all__ = ["OnnxCausalLM"]
 
 _CPU, _CUDA = "CPUExecutionProvider", "CUDAExecutionProvider"
 _DTYPES = {"float32": np.float32, "float16": np.float16}
+_warned = False
 
 
 class OnnxCausalLM:
@@ -41,8 +42,10 @@ class OnnxCausalLM:
                              f"runner (use one of {', '.join(_DTYPES)})")
         available = ort.get_available_providers()
         if provider is None:
+            global _warned
             provider = _CUDA if _CUDA in available else _CPU
-            if provider == _CPU:
+            if provider == _CPU and not _warned:
+                _warned = True
                 log.warning("llmcompile: ONNX Runtime has no CUDAExecutionProvider here "
                             "(install onnxruntime-gpu for GPUs); running on the CPU provider")
         elif provider not in available:

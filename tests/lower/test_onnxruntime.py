@@ -242,3 +242,12 @@ def test_ops_a_provider_lacks_are_emitted_as_standard_onnx_and_noted(tmp_path):
     with torch.no_grad():
         expected = model(input_ids=ids, use_cache=False).logits.numpy()
     np.testing.assert_allclose(lm.forward(ids.numpy())[0], expected, atol=1e-4, rtol=1e-4)
+
+
+def test_bench_counts_weights_read_per_token(exported_llama):
+    from llmcompile.bench_onnx import _bytes_per_token
+
+    _, result = exported_llama
+    read = _bytes_per_token(result.path)
+    embedding = 256 * 64 * 4  # only gathered from: not read whole per token
+    assert 0 < read <= result.size_bytes - embedding
