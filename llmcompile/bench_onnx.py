@@ -130,7 +130,7 @@ def _time_once(lm, prompt: np.ndarray, new_tokens: int) -> tuple[float, float, l
 
 def run(recipes: tuple[str, ...] = ("default", "int4"), prompt_len: int = 128,
         new_tokens: int = 32, repeats: int = 5, threads: int = 2, folder: str = "bench-onnx",
-        block: int = 64) -> dict[str, Any]:
+        block: int = 64, reuse: bool = False) -> dict[str, Any]:
     from .bench import measure_bandwidth
     from .export import export
     from .models import greedy_generate, load_smollm2, smollm2_folder
@@ -141,19 +141,23 @@ def run(recipes: tuple[str, ...] = ("default", "int4"), prompt_len: int = 128,
     root = Path(folder)
     root.mkdir(parents=True, exist_ok=True)
     files: dict[str, Path] = {}
-    build: dict[str, float] = {}
-    start = time.perf_counter()
-    files["peer-fp32"] = _peer_export(model, root, threads)
-    build["peer-fp32"] = time.perf_counter() - start
-    start = time.perf_counter()
-    files["peer-int4"] = _peer_int4(files["peer-fp32"], root, block)
-    build["peer-int4"] = time.perf_counter() - start
-    for recipe in recipes:
+    build: dict[str, float | None] = {}
+
+    def make(name: str, path: Path, fn) -> None:
         start = time.perf_counter()
-        sub = root / f"llmcompile-{recipe}"
-        files[f"llmcompile-{recipe}"] = export(model, sub / "model.onnx", recipe,
-                                               tokenizer=str(smollm2_folder())).path
-        build[f"llmcompile-{recipe}"] = time.perf_counter() - start
+        if reuse and path.is_file():
+            files[name], build[name] = path, None
+            return
+        files[name] = fn()
+        build[name] = time.perf_counter() - start
+
+    make("peer-fp32", root / "peer-fp32.onnx", lambda: _peer_export(model, root, threads))
+    make("peer-int4", root / "peer-int4.onnx", lambda: _peer_int4(files["peer-fp32"], root,
+                                                                  block))
+    for recipe in recipes:
+        path = root / f"llmcompile-{recipe}" / "model.onnx"
+        make(f"llmcompile-{recipe}", path, lambda r=recipe, p=path: export(
+            model, p, r, tokenizer=str(smollm2_folder())).path)
     text = (Path(__file__).parent / "data" / "eval_emma.txt").read_text()
     prompt = tokenizer(text, return_tensors="np").input_ids[0, :prompt_len].astype(np.int64)
     eager = greedy_generate(model, model.forward, torch.from_numpy(prompt)[None], new_tokens)
@@ -161,9 +165,10 @@ def run(recipes: tuple[str, ...] = ("default", "int4"), prompt_len: int = 128,
     for lm in sessions.values():  # warm up (first-touch memory, kernel packing)
         _time_once(lm, prompt, 4)
     timings: dict[str, list] = {name: [] for name in sessions}
-    for _ in range(repeats):
-        for name, lm in sessions.items():
-            timings[name].append(_time_once(lm, prompt, new_tokens))
+    names = list(sessions)
+    for i in range(repeats):  # interleaved rounds, order rotated each round
+        for name in names[i % len(names):] + names[: i % len(names)]:
+            timings[name].append(_time_once(sessions[name], prompt, new_tokens))
     rows = []
     for name, runs in timings.items():
         tps = statistics.median(r[1] for r in runs)
@@ -240,6 +245,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--folder", default="bench-onnx", help="where the ONNX files are written")
     p.add_argument("--json", help="also write the results to this JSON file")
+    p.add_argument("--reuse", action="store_true",
+                   help="time the files already in --folder instead of exporting them again")
     p.add_argument("--quality", type=int, default=0, metavar="WINDOWS",
                    help="instead of timing, measure perplexity and top-1 agreement of the "
                    "files already in --folder on WINDOWS x 512 tokens of held-out text")
@@ -256,7 +263,7 @@ def main(args: argparse.Namespace) -> int:
             Path(args.json).write_text(json.dumps(result, indent=2))
         return 0
     result = run(tuple(args.recipes), args.prompt_len, args.new_tokens, args.repeats,
-                 args.threads, args.folder)
+                 args.threads, args.folder, reuse=args.reuse)
     print(format_table(result))
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2))
