@@ -11,8 +11,8 @@ The rewritten Program becomes an ONNX model in four steps:
    the provider runs them, standard ONNX ops otherwise), saved with external data.
 
 :func:`compile_onnxruntime` wraps the file in an ``InferenceSession`` that takes and returns
-torch tensors (CUDA provider with IO binding when the model is on a GPU and
-``onnxruntime-gpu`` is installed; the CPU provider otherwise, with one logged warning).
+torch tensors through IO binding on their own memory (CUDA provider when the model is on a
+GPU and ``onnxruntime-gpu`` is installed; the CPU provider otherwise, with one logged warning).
 """
 
 from __future__ import annotations
@@ -166,8 +166,11 @@ class OnnxModel:
     input_names: list[str]
     output_names: list[str]
     notes: list[str] = field(default_factory=list)
-    #: output index -> input index it updates in place (a static KV cache)
+    #: graph output index -> input index it updates in place (a static KV cache): the
+    #: extra outputs after the graph's own
     mutations: dict[int, int] = field(default_factory=dict)
+    #: ONNX output index of each of the graph's outputs, in order
+    user_outputs: list[int] = field(default_factory=list)
     outputs: list[Any] = field(default_factory=list)  # fake values of the user outputs
     inputs: list[Any] = field(default_factory=list)  # fake values of the inputs
 
@@ -189,6 +192,10 @@ def to_onnx(program: Program, args: Sequence[Any], path: str | os.PathLike, *,
     _symbols_to_sizes(program.graph)
     program.graph._codegen = fx.graph.CodeGen()  # flat positional inputs, not a pytree
     program.recompile()
+    mutations = _return_mutated_inputs(program)
+    if mutations and output_names:
+        raise OnnxLoweringError("a file for deployment must not write its inputs in place")
+    program.recompile()
     inputs = [n for n in program.graph.nodes if n.op == "placeholder"]
     if len(inputs) != len(args):
         raise OnnxLoweringError(f"the graph takes {len(inputs)} inputs, {len(args)} given")
@@ -204,16 +211,18 @@ def to_onnx(program: Program, args: Sequence[Any], path: str | os.PathLike, *,
         except Exception as e:
             raise OnnxLoweringError(f"torch.export of the rewritten graph failed: "
                                     f"{str(e).splitlines()[0][:300]}") from e
-    mutations = _mutations(ep)
     with _quiet(), _compat.no_tracing_context():
         try:
             onnx_program = torch.onnx.export(
                 ep, tuple(args), dynamo=True, custom_translation_table=table,
                 opset_version=OPSET, optimize=False, verbose=False, report=False,
                 input_names=list(input_names) if input_names else None,
-                output_names=_output_names(output_names, mutations))
+                output_names=list(output_names) if output_names else None)
         except Exception as e:
             raise OnnxLoweringError(_export_failure(e)) from e
+    # inputs written in place (a static KV cache) are functionalized by the exporter into
+    # extra outputs, first in order: the runner copies them back
+    user_outputs = _io_map(onnx_program, bool(output_names))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     for stale in (path, path.with_name(path.name + ".data")):
@@ -222,7 +231,7 @@ def to_onnx(program: Program, args: Sequence[Any], path: str | os.PathLike, *,
     model = onnx.load(str(path), load_external_data=False)
     outputs = [n for n in program.graph.nodes if n.op == "output"][0].args[0]
     return OnnxModel(path, [i.name for i in model.graph.input],
-                     [o.name for o in model.graph.output], notes, mutations,
+                     [o.name for o in model.graph.output], notes, mutations, user_outputs,
                      [o.meta.get("val") if isinstance(o, fx.Node) else o
                       for o in _flat(outputs)],
                      [n.meta.get("val") for n in inputs])
@@ -232,25 +241,36 @@ def _flat(outputs) -> list:
     return list(outputs) if isinstance(outputs, (list, tuple)) else [outputs]
 
 
-def _output_names(names: Sequence[str] | None, mutations: dict[int, int]) -> list[str] | None:
-    if not names:
-        return None
-    return [f"updated_input_{i}" for i in mutations.values()] + list(names)
+def _io_map(onnx_program, renamed: bool) -> list[int]:
+    """ONNX output index of each graph output, in order. The exporter lists each distinct value
+    once (and drops input-mutation outputs), so outputs are matched by name."""
+    from torch.export.graph_signature import OutputKind
 
-
-def _mutations(ep) -> dict[int, int]:
-    """ONNX output index -> user input index, for inputs the graph writes in place."""
-    from torch.export.graph_signature import InputKind, OutputKind
-
-    user_inputs = [s.arg.name for s in ep.graph_signature.input_specs
-                   if s.kind == InputKind.USER_INPUT]
-    out: dict[int, int] = {}
-    for i, spec in enumerate(ep.graph_signature.output_specs):
-        if spec.kind == OutputKind.USER_INPUT_MUTATION:
-            out[i] = user_inputs.index(spec.target)
-        elif spec.kind == OutputKind.BUFFER_MUTATION:
+    sig = onnx_program.exported_program.graph_signature
+    names = [o.name for o in onnx_program.model.graph.outputs]
+    user: list[int] = []
+    for spec in sig.output_specs:
+        if spec.kind == OutputKind.BUFFER_MUTATION:
             raise OnnxLoweringError(f"the graph writes its constant {spec.target} in place")
-    return out
+        if spec.kind == OutputKind.USER_OUTPUT:
+            user.append(len(user) if renamed else names.index(spec.arg.name))
+    return user
+
+
+def _return_mutated_inputs(program: Program) -> dict[int, int]:
+    """Inputs the graph writes in place (a static KV cache) become extra outputs, since the
+    exporter drops in-place writes to inputs; returns output index -> input index."""
+    from ..program import mutated_inputs
+
+    written = mutated_inputs(program.graph)
+    if not written:
+        return {}
+    inputs = [n for n in program.graph.nodes if n.op == "placeholder"]
+    output = next(n for n in program.graph.nodes if n.op == "output")
+    outs = list(output.args[0]) if isinstance(output.args[0], (list, tuple)) else [output.args[0]]
+    extra = [n for n in inputs if n in written]
+    output.args = ((*outs, *extra),)
+    return {len(outs) + j: inputs.index(n) for j, n in enumerate(extra)}
 
 
 def _export_failure(e: BaseException) -> str:
@@ -311,40 +331,38 @@ class OrtRunner:
             if isinstance(t, torch.Tensor) and t.dtype not in _NUMPY:
                 raise OnnxLoweringError(f"ONNX Runtime inputs of dtype {t.dtype} are not "
                                         "supported")
-        if self.provider == CUDA:
-            outs = self._run_cuda(inputs)
-        else:
-            feed = {n: t.detach().to("cpu").contiguous().numpy()
-                    for n, t in zip(self.names, inputs)}
-            outs = [torch.from_numpy(o) for o in self.session.run(None, feed)]
-            if self.device.type != "cpu":
-                outs = [o.to(self.device) for o in outs]
+        run_on = torch.device("cuda", self.device.index or 0) if self.provider == CUDA else (
+            torch.device("cpu"))
+        outs = self._run_bound([t.detach().to(run_on).contiguous() for t in inputs], run_on)
+        outs = [outs[i] for i in self.model.user_outputs]
+        if run_on != self.device:  # a GPU model on the CPU provider (warned once)
+            outs = [o.to(self.device) for o in outs]
         for out_index, input_index in self.model.mutations.items():
             inputs[input_index].copy_(outs[out_index])
-        user = [o for i, o in enumerate(outs) if i not in self.model.mutations]
-        return user
+        return outs[: len(outs) - len(self.model.mutations)]
 
-    def _run_cuda(self, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
+    def _run_bound(self, inputs: list[torch.Tensor], device: torch.device
+                   ) -> list[torch.Tensor]:
+        """IO binding on the tensors' own memory; outputs shared back through DLPack (no host
+        round trip on CUDA, no copy on CPU)."""
         import numpy as np
 
         binding = self.session.io_binding()
-        keep = []
+        kind, index = device.type, device.index or 0
         for name, t in zip(self.names, inputs):
-            t = t.contiguous()
-            keep.append(t)
-            binding.bind_input(name, "cuda", t.device.index or 0, np.dtype(_NUMPY[t.dtype]),
-                               tuple(t.shape), t.data_ptr())
+            binding.bind_input(name, kind, index, np.dtype(_NUMPY[t.dtype]), tuple(t.shape),
+                               t.data_ptr())
         for o in self.session.get_outputs():
-            binding.bind_output(o.name, "cuda", self.device.index or 0)
+            binding.bind_output(o.name, kind, index)
         self.session.run_with_iobinding(binding)
         outs = []
         for value in binding.get_outputs():
-            try:  # zero copy where this onnxruntime build has DLPack
+            try:
                 outs.append(torch.from_dlpack(value))
-            except Exception:
-                _warn_once("this onnxruntime build cannot share CUDA outputs through DLPack; "
+            except Exception:  # an onnxruntime build without DLPack on OrtValue
+                _warn_once("this onnxruntime build cannot share outputs through DLPack; "
                            "outputs are copied through the host")
-                outs.append(torch.from_numpy(value.numpy()).to(self.device))
+                outs.append(torch.from_numpy(value.numpy()).to(device))
         return outs
 
 

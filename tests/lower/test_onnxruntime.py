@@ -251,3 +251,27 @@ def test_bench_counts_weights_read_per_token(exported_llama):
     read = _bytes_per_token(result.path)
     embedding = 256 * 64 * 4  # only gathered from: not read whole per token
     assert 0 < read <= result.size_bytes - embedding
+
+
+def test_static_kv_cache_written_in_place_is_copied_back():
+    from transformers import StaticCache
+
+    model = tiny_model("llama")
+    ids = torch.randint(3, 256, (1, 8), generator=torch.Generator().manual_seed(3))
+    compiled = torch.compile(model.forward, backend="llmcompile", options=ORT)
+
+    def steps(forward):
+        cache = StaticCache(config=model.config, max_cache_len=16)
+        positions, out = torch.arange(8), []
+        with torch.no_grad():
+            out.append(forward(input_ids=ids, past_key_values=cache, cache_position=positions,
+                               use_cache=True).logits)
+            for token in (5, 77, 130, 9):  # each decode step reads every earlier write
+                positions = positions[-1:] + 1
+                out.append(forward(input_ids=torch.tensor([[token]]), past_key_values=cache,
+                                   cache_position=positions, use_cache=True).logits)
+        return out
+
+    for got, expected in zip(steps(compiled), steps(model.forward)):
+        torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+    assert any(r.model.mutations for r in lower._SESSIONS.values())
