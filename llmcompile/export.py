@@ -185,6 +185,12 @@ def export(model: Any, path: str | Path, recipe: Any = None, *, tokenizer: Any =
     with _causal_attention(module), torch.no_grad():
         ep = torch.export.export(_CausalLM(module, layers).eval(), (ids, positions, past),
                                  dynamic_shapes=dynamic, strict=False)
+    routed = sum(n.target is torch.ops.llmcompile.attention.default for n in ep.graph.nodes)
+    if routed != layers:
+        raise OnnxLoweringError(
+            f"{type(module).__name__}: {routed} of {layers} layers run attention through "
+            "transformers' attention interface; the others compute it by hand and would lose "
+            "their causal mask, so this architecture cannot be exported")
     program = capture_export(ep)
     program.path_prefix = "model."  # _CausalLM.model: paths read as in the model itself
     program.context.update(target="onnxruntime", tokenizer=tokenizer)
