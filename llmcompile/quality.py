@@ -97,7 +97,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="evaluation text (default: the shipped Emma excerpt)")
     parser.add_argument("--windows", type=int, default=8)
     parser.add_argument("--seq-len", type=int, default=512)
-    parser.add_argument("--target", default="eager", choices=["eager", "inductor"])
+    parser.add_argument("--target", default="eager", choices=["eager", "inductor", "onnxruntime"])
     parser.add_argument("--json", default=None, help="write the result as JSON")
 
 
