@@ -76,13 +76,14 @@ from typing import Any
 
 import torch
 
+from .measure import synchronize, measure_bandwidth, torchao_quantize, weight_bytes
+
 __all__ = ["BASELINES", "DEFAULT_BASELINES", "METHOD", "add_arguments", "format_table", "main",
            "measure_bandwidth", "run_bench", "weight_bytes"]
 
 BASELINES = ("eager", "inductor", "torchao-int8", "torchao-int4")
 DEFAULT_BASELINES = ("eager", "inductor")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-TORCHAO_INT4_GROUP = 64
 METHOD = ("interleaved: every configuration built, compiled and warmed up first (own model copy "
           "and StaticCache, all held at once, Dynamo reset once before the first); one untimed "
           "interleaved round; then {repeats} timed rounds, each running every configuration "
@@ -107,83 +108,6 @@ def _ensure_cache_dir() -> str:
     if not os.environ.get("TORCHINDUCTOR_CACHE_DIR"):
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="llmcompile-bench-")
     return os.environ["TORCHINDUCTOR_CACHE_DIR"]
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _storages(t: torch.Tensor) -> list[tuple[tuple[int, int, int], int]]:
-    """((storage address, offset, numel), bytes) of a tensor, or of a wrapper subclass's
-    inner tensors (torchao's quantized weights)."""
-    from torch.utils._python_dispatch import is_traceable_wrapper_subclass
-
-    if is_traceable_wrapper_subclass(t):
-        names, _ = t.__tensor_flatten__()
-        return [s for n in names for s in _storages(getattr(t, n))]
-    key = (t.untyped_storage().data_ptr(), t.storage_offset(), t.numel())
-    return [(key, t.numel() * t.element_size())]
-
-
-def weight_bytes(model: torch.nn.Module) -> int:
-    """Bytes of weights one decode step streams: the model's parameters, each storage once
-    (tied weights once), without the input embedding table unless it is tied to the LM head
-    (decoding gathers one row of it). Tensor subclasses count their inner tensors."""
-    skip: set[tuple[int, int, int]] = set()
-    try:
-        emb, head = model.get_input_embeddings(), model.get_output_embeddings()
-    except (AttributeError, NotImplementedError):
-        emb = head = None
-    emb_w = getattr(emb, "weight", None)
-    if isinstance(emb_w, torch.Tensor):
-        emb_keys = {k for k, _ in _storages(emb_w)}
-        head_w = getattr(head, "weight", None)
-        head_keys = {k for k, _ in _storages(head_w)} if isinstance(head_w, torch.Tensor) else set()
-        if not emb_keys & head_keys:
-            skip = emb_keys
-    seen: set[tuple[int, int, int]] = set(skip)
-    total = 0
-    for p in model.parameters():
-        for key, nbytes in _storages(p):
-            if key not in seen:
-                seen.add(key)
-                total += nbytes
-    return total
-
-
-def measure_bandwidth(mb: int = 256, repeats: int = 5,
-                      device: torch.device | str = "cpu") -> dict[str, Any]:
-    """Memory bandwidth in GB/s (1e9 bytes/s), medians over ``repeats``.
-
-    ``read_GBps``: ``x.sum()`` over a float32 tensor of ``mb`` MiB, counting its bytes once.
-    ``copy_GBps``: ``y.copy_(x)``, counting the bytes read plus the bytes written.
-    Both tensors are written once first, so no timed run pays for first-touch page faults.
-    """
-    device = torch.device(device)
-    nbytes = int(mb) * 2**20
-    x = torch.ones(nbytes // 4, dtype=torch.float32, device=device)
-    y = torch.zeros_like(x)
-    reads, copies = [], []
-    with torch.inference_mode():
-        x.sum()
-        y.copy_(x)
-        _sync(device)
-        for _ in range(max(1, repeats)):
-            t = time.perf_counter()
-            x.sum()
-            _sync(device)
-            reads.append(time.perf_counter() - t)
-            t = time.perf_counter()
-            y.copy_(x)
-            _sync(device)
-            copies.append(time.perf_counter() - t)
-    del x, y
-    read_s, copy_s = statistics.median(reads), statistics.median(copies)
-    return {"method": f"float32 tensor of {mb} MiB: median of {max(1, repeats)} x.sum() "
-                      "(bytes read) and y.copy_(x) (bytes read + written)",
-            "bytes": nbytes, "repeats": max(1, repeats),
-            "read_GBps": nbytes / read_s / 1e9, "copy_GBps": 2 * nbytes / copy_s / 1e9}
 
 
 def _load(model: str, dtype: torch.dtype, prompt_len: int, seed: int
@@ -248,7 +172,7 @@ class _Runner:
 
     def run(self) -> tuple[float, list[float], list[int]]:
         """(prefill seconds, per-step decode seconds, generated token ids)."""
-        fwd, cache, sync, dev = self.forward, self.cache, _sync, self.device
+        fwd, cache, sync, dev = self.forward, self.cache, synchronize, self.device
         cache.reset()
         sync(dev)
         t = time.perf_counter()
@@ -288,36 +212,6 @@ class _LogCapture(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         self.messages.append(record.getMessage().splitlines()[0][:300])
-
-
-def _torchao_quantize(net: torch.nn.Module, name: str) -> str:
-    """Quantize ``net``'s linear weights in place with torchao; returns the config used."""
-    try:
-        import torchao
-        from torchao.quantization import quantize_
-    except ImportError as e:
-        raise RuntimeError(f"{name} needs torchao, which is not importable ({e}); "
-                           "pip install torchao") from e
-    if name == "torchao-int8":
-        from torchao.quantization import Int8WeightOnlyConfig
-
-        config = Int8WeightOnlyConfig(set_inductor_config=False)
-        label = "Int8WeightOnlyConfig(per-row)"
-    else:
-        try:  # the CPU int4 path (tinygemm _weight_int4pack_mm_for_cpu) in torchao >= 0.14
-            from torchao.prototype.quantization.int4 import PrototypeInt4WeightOnlyConfig
-        except ImportError:
-            from torchao.quantization import Int4WeightOnlyConfig
-
-            config = Int4WeightOnlyConfig(group_size=TORCHAO_INT4_GROUP,
-                                          set_inductor_config=False)
-            label = f"Int4WeightOnlyConfig(group_size={TORCHAO_INT4_GROUP})"
-        else:
-            config = PrototypeInt4WeightOnlyConfig(group_size=TORCHAO_INT4_GROUP,
-                                                   set_inductor_config=False)
-            label = f"PrototypeInt4WeightOnlyConfig(group_size={TORCHAO_INT4_GROUP})"
-    quantize_(net, config)
-    return f"torchao {torchao.__version__} {label}"
 
 
 def _compile(name: str, kind: str, net: torch.nn.Module, fallback: bool) -> Callable:
@@ -519,7 +413,7 @@ def _build(c: _Config, base, prompt, new_tokens, torch_dtype, warmup, fallback,
         with _Capture(entry), collect_reports() as reports:
             c.net = copy.deepcopy(base)
             if c.name.startswith("torchao-"):
-                entry["torchao"] = _torchao_quantize(c.net, c.name)
+                entry["torchao"] = torchao_quantize(c.net, c.name)
             forward = _compile(c.name, c.kind, c.net, fallback)
             graphs0, breaks0 = _graph_count(), _graph_breaks()
             c.runner = _Runner(forward, c.net, prompt, new_tokens, torch_dtype)

@@ -131,8 +131,8 @@ def _time_once(lm, prompt: np.ndarray, new_tokens: int) -> tuple[float, float, l
 def run(recipes: tuple[str, ...] = ("default", "int4"), prompt_len: int = 128,
         new_tokens: int = 32, repeats: int = 5, threads: int = 2, folder: str = "bench-onnx",
         block: int = 64, reuse: bool = False) -> dict[str, Any]:
-    from .bench import measure_bandwidth
     from .export import export
+    from .measure import measure_bandwidth
     from .models import greedy_generate, load_smollm2, smollm2_folder
     from .onnx import OnnxCausalLM
 
