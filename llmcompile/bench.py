@@ -76,7 +76,7 @@ from typing import Any
 
 import torch
 
-from .measure import synchronize, measure_bandwidth, torchao_quantize, weight_bytes
+from .measure import measure_bandwidth, synchronize, torchao_quantize, weight_bytes
 
 __all__ = ["BASELINES", "DEFAULT_BASELINES", "METHOD", "add_arguments", "format_table", "main",
            "measure_bandwidth", "run_bench", "weight_bytes"]
