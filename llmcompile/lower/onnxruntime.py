@@ -163,16 +163,12 @@ class OnnxModel:
     """An exported file and what the lowering did on the way."""
 
     path: Path
-    input_names: list[str]
-    output_names: list[str]
     notes: list[str] = field(default_factory=list)
     #: graph output index -> input index it updates in place (a static KV cache): the
     #: extra outputs after the graph's own
     mutations: dict[int, int] = field(default_factory=dict)
     #: ONNX output index of each of the graph's outputs, in order
     user_outputs: list[int] = field(default_factory=list)
-    outputs: list[Any] = field(default_factory=list)  # fake values of the user outputs
-    inputs: list[Any] = field(default_factory=list)  # fake values of the inputs
 
 
 def to_onnx(program: Program, args: Sequence[Any], path: str | os.PathLike, *,
@@ -183,15 +179,12 @@ def to_onnx(program: Program, args: Sequence[Any], path: str | os.PathLike, *,
     ``args`` are example values of the program's non-weight inputs, in order; by default every
     dimension that is symbolic in the graph is dynamic.
     """
-    import onnx
-
     _check_supported(program)
     dtype = model_dtype(program)
     table, notes = translation_table(provider, dtype)
     _weights_to_constants(program)
     _symbols_to_sizes(program.graph)
     program.graph._codegen = fx.graph.CodeGen()  # flat positional inputs, not a pytree
-    program.recompile()
     mutations = _return_mutated_inputs(program)
     if mutations and output_names:
         raise OnnxLoweringError("a file for deployment must not write its inputs in place")
@@ -220,25 +213,13 @@ def to_onnx(program: Program, args: Sequence[Any], path: str | os.PathLike, *,
                 output_names=list(output_names) if output_names else None)
         except Exception as e:
             raise OnnxLoweringError(_export_failure(e)) from e
-    # inputs written in place (a static KV cache) are functionalized by the exporter into
-    # extra outputs, first in order: the runner copies them back
     user_outputs = _io_map(onnx_program, bool(output_names))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     for stale in (path, path.with_name(path.name + ".data")):
         stale.unlink(missing_ok=True)
     onnx_program.save(str(path), external_data=True)
-    model = onnx.load(str(path), load_external_data=False)
-    outputs = [n for n in program.graph.nodes if n.op == "output"][0].args[0]
-    return OnnxModel(path, [i.name for i in model.graph.input],
-                     [o.name for o in model.graph.output], notes, mutations, user_outputs,
-                     [o.meta.get("val") if isinstance(o, fx.Node) else o
-                      for o in _flat(outputs)],
-                     [n.meta.get("val") for n in inputs])
-
-
-def _flat(outputs) -> list:
-    return list(outputs) if isinstance(outputs, (list, tuple)) else [outputs]
+    return OnnxModel(path, notes, mutations, user_outputs)
 
 
 def _io_map(onnx_program, renamed: bool) -> list[int]:
