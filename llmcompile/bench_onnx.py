@@ -32,23 +32,14 @@ __all__ = ["add_arguments", "main", "run"]
 def _peer_export(model, folder: Path, threads: int) -> Path:
     """torch.onnx.export of the model with the same I/O, optimized by ONNX Runtime."""
     from onnxruntime.transformers.optimizer import optimize_model
-    from torch.export import Dim
 
-    from .export import _CausalLM, _geometry, _names
+    from .export import _geometry, _names, capture_causal_lm, write_sidecar
 
     geo = _geometry(model.config)
-    past = tuple(torch.randn(2, geo["kv_heads"], 4, geo["head_dim"])
-                 for _ in range(2 * geo["layers"]))
-    ids = torch.randint(0, geo["vocab_size"], (2, 3))
-    pos = (torch.arange(3) + 4).expand(2, 3).contiguous()
-    b, s, p = Dim("batch"), Dim("sequence"), Dim("past_sequence")
-    dynamic = ({0: b, 1: s}, {0: b, 1: s}, tuple({0: b, 2: p} for _ in past))
-    with torch.no_grad():
-        ep = torch.export.export(_CausalLM(model, geo["layers"]).eval(), (ids, pos, past),
-                                 dynamic_shapes=dynamic, strict=False)
+    ep, args, _ = capture_causal_lm(model, geo)
     inputs, outputs = _names(geo["layers"])
     raw = folder / "peer-raw.onnx"
-    torch.onnx.export(ep, (ids, pos, past), dynamo=True, opset_version=20, verbose=False,
+    torch.onnx.export(ep, args, dynamo=True, opset_version=20, verbose=False,
                       report=False, input_names=inputs, output_names=outputs
                       ).save(str(raw), external_data=True)
     text = model.config
@@ -57,7 +48,7 @@ def _peer_export(model, folder: Path, threads: int) -> Path:
                                only_onnxruntime=False)
     out = folder / "peer-fp32.onnx"
     optimized.save_model_to_file(str(out), use_external_data_format=True)
-    _sidecar(out, geo, inputs, outputs, model)
+    write_sidecar(out, model)
     return out
 
 
@@ -83,12 +74,6 @@ def _peer_int4(fp32: Path, folder: Path, block: int) -> Path:
     out.with_name(out.stem + ".llmcompile.json").write_text(
         fp32.with_name(fp32.stem + ".llmcompile.json").read_text())
     return out
-
-
-def _sidecar(path: Path, geo: dict, inputs, outputs, model) -> None:
-    meta = {**geo, "dtype": "float32", "inputs": inputs, "outputs": outputs,
-            "eos_token_id": getattr(model.config, "eos_token_id", None)}
-    path.with_name(path.stem + ".llmcompile.json").write_text(json.dumps(meta))
 
 
 def _bytes_per_token(path: Path) -> int:

@@ -121,6 +121,43 @@ def _names(layers: int) -> tuple[list[str], list[str]]:
     return ["input_ids", "position_ids", *past], ["logits", *present]
 
 
+def _dtype_device(module) -> tuple[torch.dtype, torch.device]:
+    dtype = next((p.dtype for p in module.parameters() if p.is_floating_point()), torch.float32)
+    device = next((p.device for p in module.parameters()), torch.device("cpu"))
+    return dtype, device
+
+
+def capture_causal_lm(module, geometry: dict) -> tuple[Any, tuple, tuple]:
+    """``torch.export`` of ``module`` with the file's I/O (:class:`_CausalLM`), dynamic batch,
+    sequence and past length: ``(exported program, example args, dynamic shapes)``."""
+    from torch.export import Dim
+
+    dtype, device = _dtype_device(module)
+    batch, seq, past_len = 2, 3, 4  # not 0 or 1: export would specialize those sizes
+    ids = torch.randint(0, geometry["vocab_size"], (batch, seq), device=device)
+    positions = (torch.arange(seq, device=device) + past_len).expand(batch, seq).contiguous()
+    past = tuple(torch.randn(batch, geometry["kv_heads"], past_len, geometry["head_dim"],
+                             dtype=dtype, device=device) for _ in range(2 * geometry["layers"]))
+    b, s, p = Dim("batch"), Dim("sequence"), Dim("past_sequence")
+    dynamic = ({0: b, 1: s}, {0: b, 1: s}, tuple({0: b, 2: p} for _ in past))
+    args = (ids, positions, past)
+    with torch.no_grad():
+        ep = torch.export.export(_CausalLM(module, geometry["layers"]).eval(), args,
+                                 dynamic_shapes=dynamic, strict=False)
+    return ep, args, dynamic
+
+
+def write_sidecar(path: Path, module, **extra: Any) -> dict[str, Any]:
+    """``<name>.llmcompile.json`` beside ``path``: geometry, dtype, I/O names (the runner's)."""
+    geometry = _geometry(module.config)
+    inputs, outputs = _names(geometry["layers"])
+    sidecar = {**geometry, "dtype": str(_dtype_device(module)[0]).removeprefix("torch."),
+               "inputs": inputs, "outputs": outputs,
+               "eos_token_id": getattr(module.config, "eos_token_id", None), **extra}
+    path.with_name(path.stem + ".llmcompile.json").write_text(json.dumps(sidecar, indent=2))
+    return sidecar
+
+
 def _rename_dims(path: Path, layers: int) -> None:
     """Give the dynamic axes readable names (batch, sequence, past_sequence, total_sequence)."""
     import onnx
@@ -169,22 +206,11 @@ def export(model: Any, path: str | Path, recipe: Any = None, *, tokenizer: Any =
         tokenizer = _tokenizer_path(module)
     geometry = _geometry(module.config)
     layers = geometry["layers"]
-    dtype = next((p.dtype for p in module.parameters() if p.is_floating_point()), torch.float32)
-    device = next((p.device for p in module.parameters()), torch.device("cpu"))
-    batch, seq, past_len = 2, 3, 4  # not 0 or 1: export would specialize those sizes
-    ids = torch.randint(0, geometry["vocab_size"], (batch, seq), device=device)
-    positions = (torch.arange(seq, device=device) + past_len).expand(batch, seq).contiguous()
-    past = tuple(torch.randn(batch, geometry["kv_heads"], past_len, geometry["head_dim"],
-                             dtype=dtype, device=device) for _ in range(2 * layers))
-    from torch.export import Dim
-
-    b, s, p = Dim("batch"), Dim("sequence"), Dim("past_sequence")
-    dynamic = ({0: b, 1: s}, {0: b, 1: s}, tuple({0: b, 2: p} for _ in past))
+    dtype, device = _dtype_device(module)
     log.info("llmcompile export: capturing %s (%d layers) with torch.export",
              type(module).__name__, layers)
-    with _causal_attention(module), torch.no_grad():
-        ep = torch.export.export(_CausalLM(module, layers).eval(), (ids, positions, past),
-                                 dynamic_shapes=dynamic, strict=False)
+    with _causal_attention(module):
+        ep, args, dynamic = capture_causal_lm(module, geometry)
     routed = sum(n.target is torch.ops.llmcompile.attention.default for n in ep.graph.nodes)
     if routed != layers:
         raise OnnxLoweringError(
@@ -203,17 +229,14 @@ def export(model: Any, path: str | Path, recipe: Any = None, *, tokenizer: Any =
     input_names, output_names = _names(layers)
     path = Path(path)
     log.info("llmcompile export: writing %s", path)
-    result = to_onnx(program, [ids, positions, *past], path, provider=provider,
+    result = to_onnx(program, [*args[:2], *args[2]], path, provider=provider,
                      input_names=input_names, output_names=output_names,
                      dynamic_shapes=(*dynamic[:2], *dynamic[2]))
     _rename_dims(path, layers)
     if check:
         onnx.checker.check_model(str(path), full_check=True)
-    sidecar = {**geometry, "dtype": str(dtype).removeprefix("torch."), "recipe": recipe.name,
-               "inputs": input_names, "outputs": output_names,
-               "eos_token_id": getattr(module.config, "eos_token_id", None),
-               "rules": report.counts(), "weights_dtype": str(model_dtype(program))}
-    path.with_name(path.stem + ".llmcompile.json").write_text(json.dumps(sidecar, indent=2))
+    sidecar = write_sidecar(path, module, recipe=recipe.name, rules=report.counts(),
+                            weights_dtype=str(model_dtype(program)))
     if tokenizer is not None:
         _save_tokenizer(tokenizer, path.parent)
     log.info("llmcompile export: done in %.0f s", time.perf_counter() - started)
