@@ -3,7 +3,7 @@
     lm = OnnxCausalLM("out/model.onnx")          # CUDA provider if available, else CPU
     tokens = lm.generate([1, 2, 3], max_new_tokens=32)
 
-It needs only onnxruntime and numpy (no torch at run time).
+Steps run on numpy arrays; the session is opened like the ``onnxruntime`` target's.
 """
 
 from __future__ import annotations
@@ -15,11 +15,14 @@ from pathlib import Path
 
 import numpy as np
 
+from .lower.onnxruntime import session
+from .ops.onnx import CPU as _CPU
+from .ops.onnx import CUDA as _CUDA
+
 log = logging.getLogger("llmcompile")
 
 __all__ = ["OnnxCausalLM"]
 
-_CPU, _CUDA = "CPUExecutionProvider", "CUDAExecutionProvider"
 _DTYPES = {"float32": np.float32, "float16": np.float16}
 _warned = False
 
@@ -51,14 +54,8 @@ class OnnxCausalLM:
         elif provider not in available:
             raise ValueError(f"provider {provider!r} is not available; this onnxruntime has "
                              f"{', '.join(available)}")
-        options = ort.SessionOptions()
-        options.log_severity_level = 3
-        if threads:
-            options.intra_op_num_threads = threads
         self.provider = provider
-        self.session = ort.InferenceSession(str(self.path), options,
-                                            providers=[provider] if provider == _CPU
-                                            else [provider, _CPU])
+        self.session = session(self.path, provider, threads)
         self.dtype = _DTYPES[self.meta["dtype"]]
 
     def empty_cache(self, batch: int) -> list[np.ndarray]:
