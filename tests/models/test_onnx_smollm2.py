@@ -16,19 +16,14 @@ import pytest
 import torch
 
 from llmcompile import export
-from llmcompile.models import greedy_generate, load_smollm2, smollm2_folder
+from llmcompile.models import greedy_generate, load_smollm2
 from llmcompile.onnx import OnnxCausalLM
 
 pytest.importorskip("onnxruntime")
 
 
 @pytest.fixture(scope="module")
-def smollm2():
-    pytest.importorskip("gguf")
-    try:
-        smollm2_folder()
-    except FileNotFoundError as e:
-        pytest.skip(str(e))
+def smollm2(smollm2_path):
     return load_smollm2()
 
 
@@ -51,11 +46,12 @@ def test_fp32_file_generates_eager_tokens(smollm2, fp32_file):
 
 
 @pytest.mark.slow
-def test_int4_file_is_a_third_and_within_the_perplexity_bound(smollm2, fp32_file, tmp_path):
+def test_int4_file_is_a_third_and_within_the_perplexity_bound(smollm2, smollm2_path, fp32_file,
+                                                               tmp_path):
     from llmcompile.quality import DEFAULT_TEXT, _windows, perplexity
 
     model, tokenizer = smollm2
-    int4 = export(model, tmp_path / "int4.onnx", "int4", tokenizer=str(smollm2_folder()))
+    int4 = export(model, tmp_path / "int4.onnx", "int4", tokenizer=str(smollm2_path))
     assert int4.size_bytes <= 0.34 * fp32_file.size_bytes, (int4.size_bytes,
                                                              fp32_file.size_bytes)
     lm = OnnxCausalLM(int4.path, threads=2)

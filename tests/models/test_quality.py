@@ -10,14 +10,7 @@ from llmcompile.quality import run_quality
 
 
 @pytest.fixture(scope="module")
-def quality():
-    pytest.importorskip("gguf")
-    try:
-        from llmcompile.models import smollm2_folder
-
-        smollm2_folder()
-    except FileNotFoundError as e:
-        pytest.skip(str(e))
+def quality(smollm2_path):
     result = run_quality("smollm2", ("int8", "int4-rtn", "int4"), windows=3, seq_len=512,
                          progress=False)
     return {row["config"]: row for row in result["rows"]}

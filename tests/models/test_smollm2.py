@@ -12,8 +12,7 @@ from llmcompile.models import greedy_generate, load_smollm2
 
 
 @pytest.mark.slow
-def test_smollm2_default_recipe_generates_eager_tokens():
-    pytest.importorskip("gguf")
+def test_smollm2_default_recipe_generates_eager_tokens(smollm2_path):
     model, tokenizer = load_smollm2()
     ids = tokenizer("The capital of France is", return_tensors="pt").input_ids
     want = greedy_generate(model, model.forward, ids, 12)
