@@ -1,11 +1,13 @@
-"""Every private torch API llmcompile uses, in one place (torch 2.11 – 2.13).
+"""Every private torch API, and every transformers difference between versions, in one place.
 
-Keep this module small: if a torch release moves one of these, only this file changes.
+Supported: torch 2.11 – 2.13, transformers 5.0 – 5.x. Keep this module small: if a release moves
+one of these, only this file changes (tests/core/test_compat.py names the versions).
 """
 
 from __future__ import annotations
 
 import contextlib
+import inspect
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -32,6 +34,7 @@ __all__ = [
     "no_tracing_context",
     "same_shape",
     "trace_aten",
+    "cache_kwarg",
 ]
 
 inductor_config = torch._inductor.config
@@ -86,3 +89,17 @@ def same_shape(a: Sequence, b: Sequence) -> bool:
     if len(a) != len(b):
         return False
     return all(statically_known_true(x == y) for x, y in zip(a, b))
+
+
+def cache_kwarg(model: Any) -> str:
+    """The keyword a transformers causal LM takes its KV cache by: ``cache`` where the installed
+    version has renamed it (5.24 warns that ``past_key_values`` goes away in 5.40), else
+    ``past_key_values``. ``model`` is the module or its (compiled) forward."""
+    owner = getattr(model, "__self__", model)  # a bound forward -> its module
+    forward = getattr(owner, "forward", owner)
+    forward = getattr(forward, "_torchdynamo_orig_callable", forward)
+    try:
+        params = inspect.signature(forward).parameters
+    except (TypeError, ValueError):
+        return "past_key_values"
+    return "cache" if "cache" in params else "past_key_values"

@@ -4,9 +4,12 @@
                                   options={"recipe": "default"})
 
 Options: ``recipe`` (a Recipe, dict, preset name or .toml path), ``target`` (overrides the
-recipe's), ``fallback`` (default True: a graph the pipeline cannot handle is compiled by plain
-Inductor with one logged warning; False raises instead), ``debug`` (log the pass report).
-``tokenizer`` (a tokenizer or its path) tokenizes calibration text for calibrated passes.
+recipe's), ``fallback`` (default True: a graph the pipeline or the target cannot handle is
+compiled by plain Inductor, with a logged warning and a report that says why; ``False`` or
+``"error"`` raises instead), ``verify`` (check the first call of every compiled graph against
+the uncompiled graph; a mismatch raises :class:`~llmcompile.verify.VerificationError`),
+``debug`` (log the pass report). ``tokenizer`` (a tokenizer or its path) tokenizes calibration
+text for calibrated passes.
 Target ``onnxruntime`` runs the rewritten graph in an ONNX Runtime session (contrib ops,
 CUDA provider with IO binding on a GPU, else the CPU provider); target ``eager`` runs it
 without Inductor (debugging, quick quality checks).
@@ -17,6 +20,7 @@ from __future__ import annotations
 
 import contextvars
 import dataclasses
+import itertools
 import logging
 import os
 from collections.abc import Callable, Mapping, Sequence
@@ -26,19 +30,21 @@ import torch.fx as fx
 
 from .lower.inductor import compile_inductor, plain_inductor
 from .pipeline import Report, UserRules, run_pipeline
-from .program import capture_dynamo
+from .program import capture_dynamo, mutated_inputs
 from .recipe import Recipe, RecipeError, resolve_recipe
 from .rules import RuleSet
+from .verify import verified
 
 log = logging.getLogger("llmcompile")
 
-__all__ = ["OPTIONS", "llmcompile_backend", "collect_reports"]
+__all__ = ["OPTIONS", "collect_reports", "fallbacks", "llmcompile_backend"]
 
-OPTIONS = ("recipe", "target", "fallback", "debug", "tokenizer")
+OPTIONS = ("recipe", "target", "fallback", "verify", "debug", "tokenizer")
 
 _collector: contextvars.ContextVar[list | None] = contextvars.ContextVar("llmc_reports",
                                                                            default=None)
-_warned: set[str] = set()
+_graph_ids = itertools.count()
+_fallbacks: list[Report] = []  # every graph that fell back in this process
 
 
 class collect_reports:
@@ -63,13 +69,24 @@ def parse_options(options: Mapping[str, Any] | None) -> tuple[Recipe, dict[str, 
     recipe = resolve_recipe(options.get("recipe"))
     if "target" in options:
         recipe = dataclasses.replace(recipe, target=options["target"])
-    flags = {"fallback": options.get("fallback", True), "tokenizer": options.get("tokenizer"),
+    fallback = options.get("fallback", True)
+    if fallback == "error":
+        fallback = False
+    flags = {"fallback": fallback, "tokenizer": options.get("tokenizer"),
+             "verify": options.get("verify", False),
              "debug": options.get("debug", os.environ.get("LLMCOMPILE_DEBUG", "") not in ("",
                                                                                            "0"))}
-    for key in ("fallback", "debug"):
+    for key in ("fallback", "verify", "debug"):
         if not isinstance(flags[key], bool):
-            raise RecipeError(f"option {key!r} must be true or false, got {flags[key]!r}")
+            extra = " (or 'error')" if key == "fallback" else ""
+            raise RecipeError(f"option {key!r} must be true or false{extra}, got "
+                              f"{flags[key]!r}")
     return recipe, flags
+
+
+def fallbacks() -> list[Report]:
+    """The report of every graph that fell back to plain Inductor in this process."""
+    return list(_fallbacks)
 
 
 def _post_grad_rules(recipe: Recipe) -> RuleSet | None:
@@ -78,47 +95,74 @@ def _post_grad_rules(recipe: Recipe) -> RuleSet | None:
     return RuleSet("post_grad", rules) if rules else None
 
 
-def _fallback(gm: fx.GraphModule, example_inputs: Sequence[Any], mode: str | None,
-              cause: BaseException) -> Callable:
-    message = f"{type(cause).__name__}: {cause}".splitlines()[0][:300]
-    if message not in _warned:
-        _warned.add(message)
-        log.warning("llmcompile: falling back to plain Inductor for this graph: %s", message)
-    return plain_inductor(gm, example_inputs, mode)
+def _publish(report: Report) -> None:
+    sink = _collector.get()
+    if sink is not None:
+        sink.append(report)
+
+
+def compile_graph(gm: fx.GraphModule, example_inputs: Sequence[Any], recipe: Recipe,
+                  flags: Mapping[str, Any], mode: str | None = None, lower: bool = True
+                  ) -> tuple[Callable | None, Report]:
+    """capture -> rewrite (recipe) -> lower (unless ``lower`` is False: the rewritten graph
+    module is returned). Where a step fails and ``flags["fallback"]`` is set, returns ``None``
+    and a report whose ``fallback`` names the step and the cause; otherwise raises."""
+    report, stage = Report(recipe.name), "capture"
+    try:
+        program = capture_dynamo(gm, example_inputs)
+        program.context["tokenizer"] = flags.get("tokenizer")
+        program.context["target"] = recipe.target
+        stage = "pipeline"
+        report = run_pipeline(program, recipe)
+        placeholders = [n for n in program.graph.nodes if n.op == "placeholder"]
+        written = mutated_inputs(program.graph)
+        mutated = [i for i, n in enumerate(placeholders) if n in written]
+        stage = "lower"
+        compiled = _lower(program, example_inputs, recipe, mode) if lower else program.gm
+    except RecipeError:
+        raise
+    except Exception as e:
+        if not flags.get("fallback", True):
+            raise
+        report.fallback = f"{type(e).__name__}: {e}".splitlines()[0][:300]
+        report.fallback_stage = stage
+        return None, report
+    if flags.get("verify"):
+        label = f"graph {next(_graph_ids)} (recipe {recipe.name!r}, target {recipe.target})"
+        compiled = verified(compiled, gm, lossy=recipe.lossy, mutated=mutated, label=label)
+    return compiled, report
 
 
 def llmcompile_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], *,
                        options: Mapping[str, Any] | None = None, mode: str | None = None
                        ) -> Callable:
-    """The Dynamo backend: capture -> rewrite (recipe) -> lower."""
+    """The Dynamo backend: capture -> rewrite (recipe) -> lower, or plain Inductor with a
+    warning and a report that says why."""
     recipe, flags = parse_options(options)
-    try:
-        program = capture_dynamo(gm, example_inputs)
-        program.context["tokenizer"] = flags["tokenizer"]
-        program.context["target"] = recipe.target
-        report = run_pipeline(program, recipe)
-    except RecipeError:
-        raise
-    except Exception as e:
-        if not flags["fallback"]:
-            raise
-        return _fallback(gm, example_inputs, mode, e)
+    compiled, report = compile_graph(gm, example_inputs, recipe, flags, mode)
     if flags["debug"]:
         log.warning("llmcompile pass report:\n%s", report.format())
     sink = _collector.get()
     if sink is not None:
         sink.append(report)
+    if compiled is not None:
+        return compiled
+    _fallbacks.append(report)
+    what = {"capture": "capturing the graph", "pipeline": f"recipe {report.recipe!r}",
+            "lower": f"lowering to {recipe.target}"}[report.fallback_stage]
+    log.warning("llmcompile: %s failed, so this graph runs on plain Inductor instead "
+                "(fallback %d in this process; options={'fallback': False} raises): %s",
+                what, len(_fallbacks), report.fallback)
+    return plain_inductor(gm, example_inputs, mode)
+
+
+def _lower(program, example_inputs: Sequence[Any], recipe: Recipe, mode: str | None) -> Callable:
     if recipe.target == "eager":
         return program.gm
-    try:
-        if recipe.target == "onnxruntime":
-            from .lower.onnxruntime import compile_onnxruntime
+    if recipe.target == "onnxruntime":
+        from .lower.onnxruntime import compile_onnxruntime
 
-            return compile_onnxruntime(program, example_inputs, fingerprint=recipe.fingerprint())
-        return compile_inductor(program, example_inputs, mode=mode,
-                                post_grad=_post_grad_rules(recipe),
-                                fingerprint=recipe.fingerprint())
-    except Exception as e:
-        if not flags["fallback"]:
-            raise
-        return _fallback(gm, example_inputs, mode, e)
+        return compile_onnxruntime(program, example_inputs, fingerprint=recipe.fingerprint())
+    return compile_inductor(program, example_inputs, mode=mode,
+                            post_grad=_post_grad_rules(recipe),
+                            fingerprint=recipe.fingerprint())

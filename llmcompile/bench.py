@@ -76,6 +76,7 @@ from typing import Any
 
 import torch
 
+from . import _compat
 from .measure import measure_bandwidth, synchronize, torchao_quantize, weight_bytes
 
 __all__ = ["BASELINES", "DEFAULT_BASELINES", "METHOD", "add_arguments", "format_table", "main",
@@ -167,6 +168,7 @@ class _Runner:
         self.decode_pos = [torch.tensor([p + i], device=self.device)
                            for i in range(new_tokens - 1)]
         self.extra: dict[str, Any] = {"use_cache": True}
+        self.cache_kw = _compat.cache_kwarg(net)
         if "logits_to_keep" in inspect.signature(net.forward).parameters:
             self.extra["logits_to_keep"] = 1
 
@@ -176,8 +178,8 @@ class _Runner:
         cache.reset()
         sync(dev)
         t = time.perf_counter()
-        out = fwd(input_ids=self.prompt, past_key_values=cache, cache_position=self.prefill_pos,
-                  **self.extra)
+        out = fwd(input_ids=self.prompt, cache_position=self.prefill_pos,
+                  **{self.cache_kw: cache}, **self.extra)
         tok = out.logits[:, -1].argmax(-1, keepdim=True)
         sync(dev)
         prefill = time.perf_counter() - t
@@ -185,7 +187,7 @@ class _Runner:
         steps = []
         for pos in self.decode_pos:
             t = time.perf_counter()
-            out = fwd(input_ids=tok, past_key_values=cache, cache_position=pos, **self.extra)
+            out = fwd(input_ids=tok, cache_position=pos, **{self.cache_kw: cache}, **self.extra)
             tok = out.logits[:, -1].argmax(-1, keepdim=True)
             sync(dev)
             steps.append(time.perf_counter() - t)

@@ -15,9 +15,11 @@ __all__ = ["main"]
 def _explain(args: argparse.Namespace) -> int:
     from .explain import explain
 
-    reports = explain(args.model, args.recipe, prompt_len=args.prompt_len)
+    reports = explain(args.model, args.recipe, prompt_len=args.prompt_len,
+                      lower=True if args.lower else None)
     if args.json:
-        print(json.dumps([{"recipe": r.recipe, "folded": r.folded, "passes": [
+        print(json.dumps([{"recipe": r.recipe, "folded": r.folded, "fallback": r.fallback,
+                           "fallback_stage": r.fallback_stage, "passes": [
             {"phase": p.phase, "pass": p.name, "rules": {
                 name: {"fired": s.fired, "near_misses": s.near_misses}
                 for name, s in p.stats.rules.items()}} for p in r.runs]} for r in reports],
@@ -25,6 +27,9 @@ def _explain(args: argparse.Namespace) -> int:
         return 0
     for i, report in enumerate(reports):
         print(f"graph {i}: " + report.format(misses=args.misses))
+    fell = sum(r.fallback is not None for r in reports)
+    if fell:
+        print(f"{fell} of {len(reports)} graph(s) would fall back to plain Inductor")
     return 0
 
 
@@ -78,6 +83,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt-len", type=int, default=16)
     p.add_argument("--misses", type=int, default=3, help="near misses shown per rule")
     p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--lower", action="store_true",
+                   help="also lower each graph (always done for target onnxruntime), so "
+                        "lowering fallbacks are reported")
     p.set_defaults(func=_explain)
 
     p = sub.add_parser("recipes", help="list the shipped presets, or print one as TOML")

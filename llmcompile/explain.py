@@ -1,7 +1,9 @@
 """``llmcompile explain``: which rules fire on a model, per phase, and why others declined.
 
-Runs capture and the recipe's pipeline exactly as the backend does, but skips lowering, so
-explaining even a 30-layer model takes seconds.
+Runs capture and the recipe's pipeline exactly as the backend does, so explaining even a
+30-layer model takes seconds. Lowering runs too where it can fail in ways a user should see
+before deploying (target ``onnxruntime``; ``lower=True`` forces it): a graph that would fall
+back to plain Inductor is reported with the step and the cause (``Report.fallback``).
 """
 
 from __future__ import annotations
@@ -11,8 +13,7 @@ from typing import Any
 
 import torch
 
-from .pipeline import Report, run_pipeline
-from .program import capture_dynamo
+from .pipeline import Report
 from .recipe import resolve_recipe
 
 __all__ = ["explain", "load_model"]
@@ -53,16 +54,24 @@ def _default_inputs(model: torch.nn.Module, prompt_len: int) -> dict[str, torch.
     return {"input_ids": ids, "use_cache": False}
 
 
-def explain(model: Any, recipe: Any = None, example_inputs: Any = None, prompt_len: int = 16
-            ) -> list[Report]:
-    """Reports (one per captured graph) of what ``recipe`` does to ``model``."""
+def explain(model: Any, recipe: Any = None, example_inputs: Any = None, prompt_len: int = 16,
+            *, lower: bool | None = None, tokenizer: Any = None) -> list[Report]:
+    """Reports (one per captured graph) of what ``recipe`` does to ``model``, fallbacks
+    included; ``lower`` (default: only for target ``onnxruntime``) also runs the lowering."""
+    from .backend import compile_graph
+
     recipe = resolve_recipe(recipe)
     module = load_model(model)
+    lower = recipe.target == "onnxruntime" if lower is None else lower
+    if tokenizer is None:
+        from . import _tokenizer_path
+
+        tokenizer = _tokenizer_path(module)
     reports: list[Report] = []
 
     def backend(gm, inputs, **_):
-        program = capture_dynamo(gm, inputs)
-        reports.append(run_pipeline(program, recipe))
+        flags = {"fallback": True, "tokenizer": tokenizer}
+        reports.append(compile_graph(gm, inputs, recipe, flags, lower=lower)[1])
         return gm.forward
 
     torch._dynamo.reset()

@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from . import _compat
 from .lower.onnxruntime import OnnxLoweringError, model_dtype, prepare, to_onnx
 from .ops.onnx import CPU
 from .pipeline import PassRun, Report, run_pipeline
@@ -97,7 +98,8 @@ class _CausalLM(torch.nn.Module):
         cache = DynamicCache()
         for i in range(self.layers):
             cache.update(past[2 * i], past[2 * i + 1], i)
-        out = self.model(input_ids=input_ids, position_ids=position_ids, past_key_values=cache,
+        out = self.model(input_ids=input_ids, position_ids=position_ids,
+                         **{_compat.cache_kwarg(self.model): cache},
                          use_cache=True)
         present = []
         for layer in cache.layers[: self.layers]:
@@ -217,8 +219,7 @@ def export(model: Any, path: str | Path, recipe: Any = None, *, tokenizer: Any =
             f"{type(module).__name__}: {routed} of {layers} layers run attention through "
             "transformers' attention interface; the others compute it by hand and would lose "
             "their causal mask, so this architecture cannot be exported")
-    program = capture_export(ep)
-    program.path_prefix = "model."  # _CausalLM.model: paths read as in the model itself
+    program = capture_export(ep, root="model.")  # _CausalLM.model: paths as in the model
     program.context.update(target="onnxruntime", tokenizer=tokenizer)
     program.example_inputs = _calibration_inputs(program, geometry, dtype, device)
     log.info("llmcompile export: running recipe %r", recipe.name)

@@ -75,11 +75,35 @@ def fold_weights(program: Program) -> int:
             continue
         with program.graph.inserting_before(node):
             const = program.add_constant(env[node].contiguous(), hint="folded")
-        const.meta["llmc_source"] = node.name
+        const.meta["llmc_source"] = program.sources[const.name] = _common_source(program, node)
         node.replace_all_uses_with(const)
         created += 1
     eliminate_dead_code(program.graph)
     return created
+
+
+def _common_source(program: Program, node: fx.Node) -> str:
+    """The module a folded value's weights share (``model.layers.0.self_attn`` for the
+    concatenated Q/K/V weights), or the node's name when they share none."""
+    leaves, todo, seen = [], [node], set()
+    while todo:
+        n = todo.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        if program.is_weight(n):
+            leaves.append(program.sources.get(n.name) or n.meta.get("llmc_source") or n.name)
+        else:
+            todo.extend(n.all_input_nodes)
+    parts = [leaf.split(".") for leaf in leaves]
+    common = []
+    for column in zip(*parts):
+        if len(set(column)) != 1:
+            break
+        common.append(column[0])
+    if len(parts) == 1:
+        return leaves[0]
+    return ".".join(common) or node.name
 
 
 def eliminate_dead_code(graph: fx.Graph) -> int:

@@ -114,6 +114,10 @@ class Report:
     folded: int = 0
     #: bytes of weights the rewritten graph reads (packed constants + weights still used)
     weight_bytes: int = 0
+    #: why this graph runs on plain Inductor instead of the recipe (None: it did not fall back)
+    fallback: str | None = None
+    #: where the fallback happened: "capture", "pipeline" or "lower"
+    fallback_stage: str | None = None
 
     def fired(self, rule: str) -> int:
         return sum(r.stats.fired(rule) for r in self.runs)
@@ -139,6 +143,9 @@ class Report:
                 if len(s.near_misses) > misses:
                     lines.append(f"          ... {len(s.near_misses) - misses} more near misses")
         lines.append(f"  [cleanup] {self.folded} weight subgraphs folded into constants")
+        if self.fallback:
+            lines.append(f"  FALLBACK ({self.fallback_stage}): this graph runs on plain Inductor "
+                         f"without the recipe: {self.fallback}")
         return "\n".join(lines)
 
 

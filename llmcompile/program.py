@@ -9,6 +9,7 @@ passes may rewrite weights once, at compile time.
 from __future__ import annotations
 
 import itertools
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -38,6 +39,9 @@ class Program:
     context: dict[str, Any] = field(default_factory=dict)
     #: stripped from module paths (a wrapper module's attribute name, e.g. ``"model."``)
     path_prefix: str = ""
+    #: the expressions Dynamo reached the model through (``L['self']``, ``L['args'][0]``...),
+    #: found from the weights' sources; module paths are relative to them
+    roots: tuple[str, ...] = ()
     _const_ids: itertools.count = field(default_factory=itertools.count, repr=False)
 
     @property
@@ -74,7 +78,7 @@ class Program:
         stack = node.meta.get("nn_module_stack") or {}
         if not stack:
             return ""
-        path = _clean_module_path(list(stack.values())[-1][0])
+        path = module_path(list(stack.values())[-1][0], self.roots)
         return path.removeprefix(self.path_prefix) if self.path_prefix else path
 
     def recompile(self) -> None:
@@ -89,21 +93,40 @@ def _fake_constant(fake_mode, tensor: torch.Tensor):
         return fake_mode.from_tensor(tensor, static_shapes=True)
 
 
-def _clean_module_path(path: str) -> str:
-    """``L['self'].model.layers[0].mlp`` -> ``model.layers.0.mlp``."""
-    for prefix in ("L['self'].", "L['self']", "self."):
-        if path.startswith(prefix):
-            path = path[len(prefix) :]
+# How Dynamo names the object it reached the model through: ``L['self']`` (a bound method),
+# ``L['args'][0]`` (a forward wrapped by a decorator taking ``*args``), ``G['model']`` (a
+# global)... Weights are always read through the module tree's own dicts.
+_TREE = ("._modules[", "._parameters[", "._buffers[")
+_ROOT_EXPR = re.compile(r"^(?:[LG]\[[^\]]*\](?:\[[^\]]*\])*|self)(?=\.|$)")
+
+
+def source_root(source_name: str) -> str | None:
+    """``L['args'][0]`` for ``L['args'][0]._modules['lm_head']._parameters['weight']``: the
+    expression before the first step into a module's own dicts (None if there is none)."""
+    cuts = [i for i in (source_name.find(t) for t in _TREE) if i > 0]
+    return source_name[: min(cuts)] if cuts else None
+
+
+def module_path(path: str, roots: Sequence[str] = ()) -> str:
+    """A Dynamo / export module path relative to the model: ``L['args'][0].model.layers[0]``
+    -> ``model.layers.0``, whatever the root expression (``roots`` first, longest first)."""
+    for root in sorted(roots, key=len, reverse=True):
+        if path == root or path.startswith(root + ".") or path.startswith(root + "["):
+            path = path[len(root):]
+            break
+    else:
+        path = _ROOT_EXPR.sub("", path, count=1)
+    for container in ("._modules", "._parameters", "._buffers"):
+        path = path.replace(container, "")
     return path.replace("[", ".").replace("]", "").replace("'", "").strip(".")
 
 
-def _weight_source(placeholder: fx.Node) -> str:
+def _source_name(placeholder: fx.Node) -> str | None:
     grapharg = placeholder.meta.get("grapharg")
     if grapharg is None:
-        return placeholder.name
-    name = grapharg.source.name() if callable(grapharg.source.name) else grapharg.source.name
-    return _clean_module_path(name.replace("._modules", "").replace("._parameters", "")
-                              .replace("._buffers", ""))
+        return None
+    source = grapharg.source
+    return source.name() if callable(source.name) else source.name
 
 
 def mutated_inputs(graph: fx.Graph) -> set[fx.Node]:
@@ -148,22 +171,29 @@ def capture_dynamo(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Program
     program = Program(traced, fake_mode=fake_mode, example_inputs=list(example_inputs))
     new_placeholders = [n for n in traced.graph.nodes if n.op == "placeholder"]
     mutated = mutated_inputs(traced.graph)
-    for old, new, real in zip(placeholders, new_placeholders, example_inputs):
-        new.meta["llmc_source"] = _weight_source(old)
+    names = [_source_name(old) for old in placeholders]
+    program.roots = tuple(sorted({r for r in map(source_root, filter(None, names)) if r}))
+    for name, new, real in zip(names, new_placeholders, example_inputs):
+        source = module_path(name, program.roots) if name else new.name
+        new.meta["llmc_source"] = source
         is_param = isinstance(real, torch.nn.Parameter)
         is_buffer = getattr(real, "_dynamo_static_input_type", None) is not None
         if (is_param or is_buffer) and new not in mutated:
             program.weights[new.name] = real.detach()
-            program.sources[new.name] = _weight_source(old)
+            program.sources[new.name] = source
     return program
 
 
-def capture_export(ep: torch.export.ExportedProgram) -> Program:
-    """Turn a ``torch.export`` program (pre-dispatch, not decomposed) into a Program."""
+def capture_export(ep: torch.export.ExportedProgram, root: str = "") -> Program:
+    """Turn a ``torch.export`` program (pre-dispatch, not decomposed) into a Program.
+
+    ``root`` is the model's attribute path inside the exported module (``"model."`` for a
+    wrapper holding it as ``self.model``): paths are read relative to the model itself.
+    """
     gm = ep.graph_module
     sig = ep.graph_signature
     fake_vals = [n.meta.get("val") for n in gm.graph.nodes if n.op == "placeholder"]
-    program = Program(gm, fake_mode=_compat.detect_fake_mode(fake_vals))
+    program = Program(gm, fake_mode=_compat.detect_fake_mode(fake_vals), path_prefix=root)
     mutated = {n.name for n in mutated_inputs(gm.graph)}
     named = {**sig.inputs_to_parameters, **sig.inputs_to_buffers,
              **getattr(sig, "inputs_to_lifted_tensor_constants", {})}
@@ -172,7 +202,7 @@ def capture_export(ep: torch.export.ExportedProgram) -> Program:
         if node.op == "placeholder" and node.name in named and node.name not in mutated:
             fqn = named[node.name]
             program.weights[node.name] = tensors[fqn].detach()
-            program.sources[node.name] = fqn
+            program.sources[node.name] = fqn.removeprefix(root)
     return program
 
 

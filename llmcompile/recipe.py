@@ -48,6 +48,9 @@ class PassConfig:
 
     name: ClassVar[str] = ""
     phase: ClassVar[str] = ""
+    #: True for passes that change what the model computes (quantization...): ``verify``
+    #: then compares by top-1 agreement instead of a tight tolerance
+    lossy: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
         hints = typing.get_type_hints(type(self))
@@ -191,6 +194,11 @@ class Recipe:
             lines += ["", "[[passes]]"]
             lines += [f"{k} = {_toml(v)}" for k, v in p.to_dict().items() if v is not None]
         return "\n".join(lines) + "\n"
+
+    @property
+    def lossy(self) -> bool:
+        """True when a pass of the recipe changes what the model computes."""
+        return any(p.lossy for p in self.passes)
 
     def fingerprint(self) -> str:
         """Identifies the recipe in cache keys (works for rules given as objects too)."""

@@ -64,6 +64,7 @@ class QuantizeConfig(PassConfig):
 
     name: ClassVar[str] = "quantize_weights"
     phase: ClassVar[str] = "quantize"
+    lossy: ClassVar[bool] = True
     bits: Literal[8, 4] = 8
     group_size: int = 64
     method: Literal["rtn", "awq", "gptq", "awq+gptq"] = "rtn"

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from llmcompile import export, ops, quant
+from llmcompile._compat import cache_kwarg
 from llmcompile.lower import onnxruntime as lower
 from llmcompile.lower.onnxruntime import OnnxLoweringError
 from llmcompile.models import ARCHITECTURES, greedy_generate, tiny_model
@@ -218,7 +219,7 @@ def test_int4_export_holds_packed_weights_only(tmp_path, exported_llama):
     assert np.abs(logits - expected).max() < 0.25 * np.abs(expected).max()
 
 
-@pytest.mark.parametrize("arch", sorted(set(ARCHITECTURES) - {"gptj"}))
+@pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
 def test_zoo_exports_and_decodes_like_eager(arch, tmp_path):
     model = tiny_model(arch)
     result = export(model, tmp_path / "model.onnx")
@@ -233,10 +234,30 @@ def test_zoo_exports_and_decodes_like_eager(arch, tmp_path):
     np.testing.assert_allclose(step, expected[:, 6:], atol=1e-4, rtol=1e-4)
 
 
+def _hand_written_attention(model):
+    """A tiny Llama whose attention computes softmax(QKᵀ)V itself, bypassing transformers'
+    attention interface (as GPT-J did before transformers 5.24)."""
+
+    def attention(attn, hidden_states, *args, **kwargs):
+        b, s, _ = hidden_states.shape
+        shape = (b, s, -1, attn.head_dim)
+        q, k, v = (proj(hidden_states).view(shape).transpose(1, 2)  # [B, H, S, D]
+                   for proj in (attn.q_proj, attn.k_proj, attn.v_proj))
+        k, v = (t.repeat_interleave(attn.num_key_value_groups, 1) for t in (k, v))
+        scores = (q @ k.transpose(-1, -2)) * attn.scaling
+        causal = torch.ones(s, s, dtype=torch.bool, device=q.device).tril()
+        out = scores.masked_fill(~causal, float("-inf")).softmax(-1) @ v
+        return attn.o_proj(out.transpose(1, 2).reshape(b, s, -1)), None
+
+    for layer in model.model.layers:
+        layer.self_attn.forward = attention.__get__(layer.self_attn)
+    return model
+
+
 def test_hand_written_attention_refuses_export(tmp_path):
-    # GPT-J computes attention itself: routed through no interface, it would lose its mask
+    # attention routed through no interface would lose its causal mask in the file
     with pytest.raises(OnnxLoweringError, match="0 of 2 layers"):
-        export(tiny_model("gptj"), tmp_path / "gptj.onnx")
+        export(_hand_written_attention(tiny_model("llama")), tmp_path / "hand.onnx")
 
 
 def test_export_errors_are_clear(tmp_path):
@@ -284,12 +305,13 @@ def test_static_kv_cache_written_in_place_is_copied_back():
     def steps(forward):
         cache = StaticCache(config=model.config, max_cache_len=16)
         positions, out = torch.arange(8), []
+        kw = {cache_kwarg(model): cache}
         with torch.no_grad():
-            out.append(forward(input_ids=ids, past_key_values=cache, cache_position=positions,
+            out.append(forward(input_ids=ids, **kw, cache_position=positions,
                                use_cache=True).logits)
             for token in (5, 77, 130, 9):  # each decode step reads every earlier write
                 positions = positions[-1:] + 1
-                out.append(forward(input_ids=torch.tensor([[token]]), past_key_values=cache,
+                out.append(forward(input_ids=torch.tensor([[token]]), **kw,
                                    cache_position=positions, use_cache=True).logits)
         return out
 
