@@ -9,7 +9,6 @@ reference run and compared afterwards too.
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -37,15 +36,13 @@ class VerificationError(RuntimeError):
 def verified(compiled: Callable, reference: fx.GraphModule, *, lossy: bool,
              mutated: Sequence[int], label: str) -> Callable:
     """``compiled``, checked against ``reference`` on its first call."""
-    boxed = getattr(compiled, "_boxed_call", False)
     pending = [True]
 
-    @functools.wraps(compiled)
     def run(*args):
         if not pending:
             return compiled(*args)
         pending.clear()
-        flat = list(args[0]) if boxed else list(args)
+        flat = list(args)  # Dynamo calls a backend's callable with the flat inputs
         ref_args = [a.clone() if i in mutated and isinstance(a, torch.Tensor) else a
                     for i, a in enumerate(flat)]
         with torch.no_grad():
@@ -57,8 +54,6 @@ def verified(compiled: Callable, reference: fx.GraphModule, *, lossy: bool,
         check(pairs, lossy=lossy, label=label, graph=reference)
         return got
 
-    if boxed:
-        run._boxed_call = True  # type: ignore[attr-defined]
     return run
 
 

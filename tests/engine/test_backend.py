@@ -9,11 +9,14 @@ import pytest
 import torch
 
 import llmcompile
+import llmcompile.backend
 from llmcompile import Recipe, Rule, RuleSet, UserRules
+from llmcompile import verify as verify_module
 from llmcompile._compat import CustomGraphPass, inductor_config
 from llmcompile.backend import collect_reports
 from llmcompile.lower.inductor import PostGradRules
 from llmcompile.models import tiny_model
+from llmcompile.verify import VerificationError
 
 
 def test_entry_point_works_in_a_fresh_interpreter_without_import():
@@ -70,8 +73,9 @@ def test_unhandled_graph_falls_back_to_inductor_with_one_warning(caplog):
     x = torch.randn(4)
     with caplog.at_level(logging.WARNING, logger="llmcompile"):
         torch.testing.assert_close(fn(x), torch.sin(x) * 2)
-    warnings = [r for r in caplog.records if "falling back to plain Inductor" in r.message]
+    warnings = [r for r in caplog.records if "runs on plain Inductor instead" in r.message]
     assert len(warnings) == 1 and "broken on purpose" in warnings[0].message
+    assert "recipe 'broken' failed" in warnings[0].message
 
 
 def test_fallback_can_be_turned_off():
@@ -125,3 +129,81 @@ def test_compile_facade_validates_then_compiles():
     fn = llmcompile.compile(lambda x: torch.relu(x) + 1, "default")
     x = torch.randn(5)
     torch.testing.assert_close(fn(x), torch.relu(x) + 1)
+
+
+# --- verify: a wrong rewrite never goes unnoticed ------------------------------------------
+
+def drop_residual_pattern(x, residual):
+    return x + residual
+
+
+def drop_residual_replacement(x, residual):
+    return x  # wrong on purpose: the residual is lost
+
+
+DROP_RESIDUAL = RuleSet("wrong", [Rule("drop_residual", drop_residual_pattern,
+                                       drop_residual_replacement)])
+
+
+def test_verify_catches_a_rule_that_drops_a_residual_add():
+    model = tiny_model("llama")
+    recipe = Recipe((UserRules(rules=DROP_RESIDUAL),), name="wrong")
+    ids = torch.randint(3, 250, (1, 8))
+    with torch.no_grad():
+        want = model(input_ids=ids, use_cache=False).logits
+        silent = torch.compile(model.forward, backend="llmcompile",
+                               options={"recipe": recipe, "target": "eager"})
+        assert not torch.allclose(silent(input_ids=ids, use_cache=False).logits, want,
+                                  atol=1e-2)  # without verify the wrong numbers go through
+        torch._dynamo.reset()
+        checked = torch.compile(model.forward, backend="llmcompile",
+                                options={"recipe": recipe, "target": "eager", "verify": True})
+        with pytest.raises(VerificationError, match="differs from the uncompiled graph by"):
+            checked(input_ids=ids, use_cache=False)
+
+
+@pytest.mark.parametrize("recipe", ["default", "int8"])
+def test_verify_accepts_correct_recipes_and_checks_only_the_first_call(recipe, monkeypatch):
+    model = tiny_model("llama")
+    compiled = torch.compile(model.forward, backend="llmcompile",
+                             options={"recipe": recipe, "verify": True, "fallback": False})
+    ids = torch.randint(3, 250, (1, 8))
+    calls = []
+    real = verify_module.check
+    monkeypatch.setattr(verify_module, "check", lambda *a, **k: calls.append(1) or real(*a, **k))
+    with torch.no_grad():
+        for _ in range(3):
+            compiled(input_ids=ids, use_cache=False)
+    assert calls == [1]
+
+
+def test_verify_compares_a_static_cache_written_in_place():
+    from transformers import StaticCache
+
+    from llmcompile._compat import cache_kwarg
+
+    model = tiny_model("llama")
+    compiled = torch.compile(model.forward, backend="llmcompile",
+                             options={"verify": True, "fallback": False})
+    cache = StaticCache(config=model.config, max_cache_len=16)
+    ids = torch.randint(3, 250, (1, 8))
+    with torch.no_grad():
+        got = compiled(input_ids=ids, cache_position=torch.arange(8), use_cache=True,
+                       **{cache_kwarg(model): cache}).logits
+    torch.testing.assert_close(got, model(input_ids=ids, use_cache=False).logits,
+                               rtol=1e-4, atol=1e-4)
+    assert cache.layers[0].keys[:, :, :8].abs().sum() > 0  # written once, by the compiled run
+
+
+def test_bad_verify_and_fallback_options_raise():
+    with pytest.raises(llmcompile.RecipeError, match="'verify' must be true or false"):
+        llmcompile.backend.parse_options({"verify": "yes"})
+    assert llmcompile.backend.parse_options({"fallback": "error"})[1]["fallback"] is False
+
+
+def test_fallback_error_raises():
+    recipe = Recipe((UserRules(rules=BROKEN),), name="broken")
+    fn = torch.compile(lambda x: torch.sin(x) * 2, backend="llmcompile",
+                       options={"recipe": recipe, "fallback": "error"})
+    with pytest.raises(Exception, match="broken on purpose"):
+        fn(torch.randn(4))

@@ -6,6 +6,7 @@ precision, contain the expected contrib ops, and fail clearly (with the Inductor
 """
 
 import collections
+import dataclasses
 import logging
 
 import numpy as np
@@ -13,8 +14,10 @@ import onnx
 import pytest
 import torch
 
+import llmcompile
 from llmcompile import export, ops, quant
 from llmcompile._compat import cache_kwarg
+from llmcompile.backend import collect_reports, fallbacks
 from llmcompile.lower import onnxruntime as lower
 from llmcompile.lower.onnxruntime import OnnxLoweringError
 from llmcompile.models import ARCHITECTURES, greedy_generate, tiny_model
@@ -109,11 +112,28 @@ def test_unexportable_graph_names_the_op_and_falls_back(caplog):
     with pytest.raises(Exception, match="eigh"):
         torch.compile(unsupported, backend="llmcompile", options=ORT)(x)
     torch._dynamo.reset()
-    with caplog.at_level(logging.WARNING, logger="llmcompile"):
+    with caplog.at_level(logging.WARNING, logger="llmcompile"), collect_reports() as reports:
         out = torch.compile(unsupported, backend="llmcompile",
                             options={"target": "onnxruntime"})(x)
     torch.testing.assert_close(out, unsupported(x))
-    assert any("falling back to plain Inductor" in r.getMessage() for r in caplog.records)
+    warned = [r.getMessage() for r in caplog.records if "plain Inductor" in r.getMessage()]
+    assert len(warned) == 1 and "lowering to onnxruntime failed" in warned[0], warned
+    assert "runs on plain Inductor instead" in warned[0] and "eigh" in warned[0]
+    assert reports[-1].fallback_stage == "lower" and "eigh" in reports[-1].fallback
+    assert "FALLBACK (lower)" in reports[-1].format()
+    assert reports[-1] in fallbacks()
+
+
+class Unsupported(torch.nn.Module):
+    def forward(self, x):
+        return unsupported(x)
+
+
+def test_explain_lists_the_fallback_with_its_cause():
+    recipe = dataclasses.replace(llmcompile.load_recipe("default"), target="onnxruntime")
+    reports = llmcompile.explain(Unsupported(), recipe, example_inputs=(torch.randn(3, 4, 4),))
+    assert len(reports) == 1 and reports[0].fallback_stage == "lower"
+    assert "eigh" in reports[0].fallback
 
 
 # --- MatMulNBits: layouts and translation ------------------------------------------------
