@@ -45,15 +45,16 @@ class Int4Weight:
         g = self.q.view(n, k // self.group_size, self.group_size).float()
         return (g * self.scale[..., None] + self.low[..., None]).view(n, k)
 
-    def pack_cpu(self) -> tuple[Tensor, Tensor]:
-        """(packed weight, scales_and_zeros bf16 [K/G, N, 2]) for ``_weight_int4pack_mm_for_cpu``.
+    def pack_cpu(self, dtype: torch.dtype = torch.bfloat16) -> tuple[Tensor, Tensor]:
+        """(packed weight, scales_and_zeros [K/G, N, 2] in ``dtype``, the activations' dtype)
+        for ``_weight_int4pack_mm_for_cpu``.
 
         The kernel computes ``w = (q - 8) * scale + zero``, so ``zero = low + 8 * scale``.
         """
         packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(self.q.to(torch.int32), 1)
         zero = self.low + 8.0 * self.scale
         sz = torch.stack([self.scale, zero], dim=-1).transpose(0, 1).contiguous()
-        return packed, sz.to(torch.bfloat16)
+        return packed, sz.to(dtype)
 
 
 def _range(hi: Tensor, lo: Tensor, integer_zero: bool) -> tuple[Tensor, Tensor]:

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 
 from llmcompile import ops, quant
 from llmcompile.calibrate import CalibrationError, calibration_tokens, collect_inputs
+from llmcompile.ops import cpu
 from llmcompile.recipe import PassConfig, RecipeError
 from llmcompile.rewrite import apply_rules
 from llmcompile.rules import Match, Reject, Rule, RuleSet
@@ -162,7 +163,7 @@ class QuantizeConfig(PassConfig):
                 qweight, scales = quant.int8_nbits(q, s, w.dtype)
                 return {"qweight": qweight, "scales": scales,
                         "block_size": quant.NBITS_INT8_BLOCK, **nbits}
-            return {"wq": q, "scales": s.to(torch.bfloat16)}
+            return {"wq": q, "scales": s.to(cpu.packed_activation_dtype())}
         scales, clip = None, 1.0
         if act is not None and "awq" in self.method:
             scales, clip = quant.awq_search(w, act.absmean, act.sample, self.group_size)
@@ -176,7 +177,7 @@ class QuantizeConfig(PassConfig):
             out = {"qweight": qweight, "scales": scales_, "zero_points": zeros,
                    "block_size": self.group_size, **nbits}
         else:
-            packed, sz = wq.pack_cpu()
+            packed, sz = wq.pack_cpu(cpu.packed_activation_dtype())
             out = {"packed": packed, "scales_zeros": sz, "group_size": self.group_size}
         if scales is not None:
             out["inv_scale"] = (1.0 / scales).to(w.dtype)
@@ -209,4 +210,5 @@ def _eligible(program) -> list:
 def _key(program, node, config) -> tuple:
     w = program.weight(node.args[1])
     return (program.module_path(node), tuple(w.shape), config.bits, config.group_size,
-            config.method, repr(config.calibration), float(w.double().sum()))
+            config.method, repr(config.calibration), float(w.double().sum()),
+            cpu.packed_activation_dtype())  # packed scales are stored in the kernel's dtype

@@ -24,7 +24,7 @@ import inspect
 import logging
 import os
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -119,6 +119,9 @@ def _symbols_to_sizes(graph: fx.Graph) -> None:
     for node in [n for n in graph.nodes if n.op == "placeholder"]:
         val = node.meta.get("val")
         if not isinstance(val, torch.SymInt):
+            continue
+        if not node.users:  # read only by values the host computes (see _host_outputs)
+            graph.erase_node(node)
             continue
         source = next(((t, d) for t in tensors for d, s in enumerate(t.meta["val"].shape)
                        if isinstance(s, torch.SymInt) and s.node.expr == val.node.expr), None)
@@ -289,12 +292,62 @@ _NUMPY = {torch.float32: "float32", torch.float16: "float16", torch.int64: "int6
           torch.float64: "float64"}
 
 
+def _host_outputs(program: Program) -> dict[int, Callable[[Sequence[Any]], Any]]:
+    """Graph outputs that are Python numbers (a sliding-window static cache returns its new
+    position counter, ``s9 + 1``) leave the ONNX graph, which outputs tensors only; they are
+    computed on the host from the call's own inputs. Returns output index -> evaluator."""
+    graph = program.graph
+    output = next(n for n in reversed(graph.nodes) if n.op == "output")
+    outs = list(output.args[0]) if isinstance(output.args[0], (list, tuple)) else [output.args[0]]
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    host: dict[int, Callable] = {}
+    keep = []
+    for i, value in enumerate(outs):
+        if isinstance(value, fx.Node) and isinstance(value.meta.get("val"), torch.Tensor):
+            keep.append(value)
+        else:
+            host[i] = _evaluator(value, placeholders)
+    if host:
+        output.args = (tuple(keep),)
+        graph.eliminate_dead_code()  # fx keeps in-place writes (a static KV cache)
+    return host
+
+
+def _evaluator(value: Any, placeholders: list[fx.Node]) -> Callable[[Sequence[Any]], Any]:
+    if not isinstance(value, fx.Node):
+        return lambda args: value
+    order, todo = [], [value]
+    while todo:  # the size-only subgraph computing the value
+        node = todo.pop()
+        if node in order or node.op == "placeholder":
+            continue
+        if isinstance(node.meta.get("val"), torch.Tensor):
+            raise OnnxLoweringError(f"output %{value.name} is a number computed from tensor "
+                                    f"%{node.name}; ONNX outputs only tensors")
+        order.append(node)
+        todo.extend(node.all_input_nodes)
+    order.sort(key=lambda n: list(n.graph.nodes).index(n))
+    index = {p: i for i, p in enumerate(placeholders)}
+    # a snapshot: the nodes leave the graph (erasing a node clears its arguments)
+    steps = [(node, node.target, node.args, node.kwargs) for node in order]
+
+    def evaluate(args: Sequence[Any]) -> Any:
+        env = {p: args[i] for p, i in index.items()}
+        for node, target, node_args, node_kwargs in steps:
+            env[node] = target(*fx.node.map_arg(node_args, env.__getitem__),
+                               **fx.node.map_arg(node_kwargs, env.__getitem__))
+        return env[value]
+
+    return evaluate
+
+
 class OrtRunner:
     """Calls an ONNX Runtime session with torch tensors, like any compiled graph."""
 
     def __init__(self, model: OnnxModel, provider: str, positions: Sequence[int],
-                 device: torch.device):
+                 device: torch.device, host: Mapping[int, Callable] | None = None):
         self.model = model
+        self.host = dict(host or {})  # output index -> number computed on the host
         self.provider = provider
         self.positions = list(positions)  # which call arguments are graph inputs
         self.device = device
@@ -308,6 +361,7 @@ class OrtRunner:
 
     def __call__(self, *args):
         inputs = [args[i] for i in self.positions]
+        numbers = {i: evaluate(args) for i, evaluate in self.host.items()}
         for t in inputs:
             if isinstance(t, torch.Tensor) and t.dtype not in _NUMPY:
                 raise OnnxLoweringError(f"ONNX Runtime inputs of dtype {t.dtype} are not "
@@ -320,7 +374,10 @@ class OrtRunner:
             outs = [o.to(self.device) for o in outs]
         for out_index, input_index in self.model.mutations.items():
             inputs[input_index].copy_(outs[out_index])
-        return outs[: len(outs) - len(self.model.mutations)]
+        results = outs[: len(outs) - len(self.model.mutations)]
+        for index in sorted(numbers):
+            results.insert(index, numbers[index])
+        return results
 
     def _run_bound(self, inputs: list[torch.Tensor], device: torch.device
                    ) -> list[torch.Tensor]:
@@ -374,12 +431,13 @@ def compile_onnxruntime(program: Program, example_inputs: Sequence[Any], *,
         _SESSIONS.move_to_end(key)
         return _SESSIONS[key]
     prepare(program)
+    host = _host_outputs(program)
     args = [_example(example_inputs[i], placeholders[i]) for i in positions]
     tmp = tempfile.TemporaryDirectory(prefix="llmcompile-ort-")
     model = to_onnx(program, args, Path(tmp.name) / "graph.onnx", provider=provider)
     for note in model.notes:
         log.info("llmcompile: %s", note)
-    runner = OrtRunner(model, provider, positions, device)
+    runner = OrtRunner(model, provider, positions, device, host)
     runner._tmp = tmp
     _SESSIONS[key] = runner
     while len(_SESSIONS) > _MAX_SESSIONS:

@@ -82,12 +82,14 @@ def _combine(mask: Tensor, keep: Tensor) -> Tensor:
 
 def _int8_linear_ref(x: Tensor, weight: Tensor, scales: Tensor, bias: Tensor | None = None
                      ) -> Tensor:
-    """``x [..., K] @ dequant(weight int8 [N, K], scales bf16 [N])ᵀ``; activations in bf16.
+    """``x [..., K] @ dequant(weight int8 [N, K], scales [N])ᵀ``; activations in the scales'
+    dtype.
 
-    ``aten._weight_int8pack_mm`` reads 1 byte per weight and is fast with bf16 activations
-    (about 10x slower with float32 ones), so x is cast to bf16 and the result cast back.
+    ``aten._weight_int8pack_mm`` reads 1 byte per weight. Its fast activation dtype depends on
+    the CPU (bf16 with AVX-512 BF16 / AMX, float32 on AVX2: :mod:`llmcompile.ops.cpu`); the
+    quantize pass stores the scales in that dtype, x is cast to it and the result cast back.
     """
-    y = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, x.shape[-1]).to(torch.bfloat16),
+    y = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, x.shape[-1]).to(scales.dtype),
                                            weight, scales)
     y = y.reshape(*x.shape[:-1], weight.shape[0]).to(x.dtype)
     return y if bias is None else y + bias
@@ -95,10 +97,11 @@ def _int8_linear_ref(x: Tensor, weight: Tensor, scales: Tensor, bias: Tensor | N
 
 def _int4_linear_ref(x: Tensor, weight: Tensor, scales_zeros: Tensor, group_size: int,
                      bias: Tensor | None = None) -> Tensor:
-    """``x [..., K]`` times a CPU-packed int4 weight (``scales_zeros [K/G, N, 2]`` bf16)."""
+    """``x [..., K]`` times a CPU-packed int4 weight (``scales_zeros [K/G, N, 2]``, bf16 or
+    float32: the activations take their dtype, chosen for the CPU like int8's)."""
     n = scales_zeros.shape[1]
     y = torch.ops.aten._weight_int4pack_mm_for_cpu(
-        x.reshape(-1, x.shape[-1]).to(torch.bfloat16), weight, group_size, scales_zeros)
+        x.reshape(-1, x.shape[-1]).to(scales_zeros.dtype), weight, group_size, scales_zeros)
     y = y.reshape(*x.shape[:-1], n).to(x.dtype)
     return y if bias is None else y + bias
 

@@ -158,3 +158,31 @@ def test_too_short_calibration_text_is_a_clear_error(tmp_path):
         calibration_tokens(Tok(), short, 4096)
     with pytest.raises(CalibrationError, match="does not exist"):
         calibration_tokens(Tok(), tmp_path / "missing.txt", 10)
+
+
+def test_packed_kernel_dtype_follows_the_cpu(monkeypatch):
+    from llmcompile.ops import cpu
+
+    monkeypatch.delenv("LLMCOMPILE_PACKED_DTYPE", raising=False)
+    assert cpu.packed_activation_dtype(frozenset({"avx2", "fma"}), "AVX2") == torch.float32
+    assert cpu.packed_activation_dtype(frozenset({"avx512_bf16"}), "AVX512") == torch.bfloat16
+    assert cpu.packed_activation_dtype(frozenset({"amx_bf16"}), "AVX512") == torch.bfloat16
+    # ATEN_CPU_CAPABILITY=avx2 on an AVX-512 machine: the AVX2 kernels have no native bf16
+    assert cpu.packed_activation_dtype(frozenset({"avx512_bf16"}), "AVX2") == torch.float32
+    monkeypatch.setenv("LLMCOMPILE_PACKED_DTYPE", "float32")
+    assert cpu.packed_activation_dtype(frozenset({"avx512_bf16"}), "AVX512") == torch.float32
+    monkeypatch.setenv("LLMCOMPILE_PACKED_DTYPE", "int8")
+    with pytest.raises(ValueError, match="float32 or bfloat16"):
+        cpu.packed_activation_dtype()
+
+
+def test_float32_activation_path_of_the_packed_kernels_is_exact_to_its_dequantized_weight():
+    w, x = torch.randn(48, 128), torch.randn(3, 5, 128)
+    q, s = quant.quantize_int8(w)
+    torch.testing.assert_close(ops.int8_linear(x, q, s.float()), x @ (q.float() * s[:, None]).T,
+                               rtol=1e-4, atol=1e-4)
+    q4 = quant.quantize_int4(w, 64)
+    packed, sz = q4.pack_cpu(torch.float32)
+    assert sz.dtype == torch.float32
+    torch.testing.assert_close(ops.int4_linear(x, packed, sz, 64), x @ q4.dequantize().T,
+                               rtol=1e-4, atol=1e-3)
