@@ -28,8 +28,10 @@ ZOO: tuple[str, ...] = (
 ZOO_OVERRIDES: dict[str, dict[str, Any]] = {}
 
 _LEFT_OUT: dict[str, tuple[str, ...]] = {
-    ("mixture of experts: captured fullgraph, left out of the matrix to keep CI under 45 minutes "
-     "(its attention, norms and projections are covered by the dense families)"): (
+    ("mixture of experts: the onnxruntime target cannot take transformers' expert kernel "
+     "(custom op transformers.grouped_mm_fallback has no ONNX translation; a clear "
+     "OnnxLoweringError and an Inductor fallback, measured on 27 of them), so no cell "
+     "would pass on that target; the Inductor target alone is left out for CI time"): (
         "afmoe", "aria_text", "cohere2_moe", "deepseek_v4", "dots1", "ernie4_5_moe", "exaone_moe",
         "flex_olmo", "glm4_moe", "granitemoe", "granitemoe_swa", "granitemoeshared",
         "hunyuan_v1_moe", "hy_v3", "jetmoe", "kolibri1", "laguna", "llama4_text", "mellum",

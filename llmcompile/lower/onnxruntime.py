@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import functools
 import hashlib
 import inspect
 import logging
@@ -293,9 +294,11 @@ _NUMPY = {torch.float32: "float32", torch.float16: "float16", torch.int64: "int6
 
 
 def _host_outputs(program: Program) -> dict[int, Callable[[Sequence[Any]], Any]]:
-    """Graph outputs that are Python numbers (a sliding-window static cache returns its new
-    position counter, ``s9 + 1``) leave the ONNX graph, which outputs tensors only; they are
-    computed on the host from the call's own inputs. Returns output index -> evaluator."""
+    """Graph outputs the ONNX graph should not compute leave it and are produced on the host:
+    Python numbers (a sliding-window static cache returns its new position counter,
+    ``s9 + 1``: ONNX outputs tensors only) from the call's own inputs, and compile-time
+    constants (a weight, or a value folded from weights alone) as the tensors themselves.
+    Returns output index -> evaluator of the call's arguments."""
     graph = program.graph
     output = next(n for n in reversed(graph.nodes) if n.op == "output")
     outs = list(output.args[0]) if isinstance(output.args[0], (list, tuple)) else [output.args[0]]
@@ -303,7 +306,9 @@ def _host_outputs(program: Program) -> dict[int, Callable[[Sequence[Any]], Any]]
     host: dict[int, Callable] = {}
     keep = []
     for i, value in enumerate(outs):
-        if isinstance(value, fx.Node) and isinstance(value.meta.get("val"), torch.Tensor):
+        if isinstance(value, fx.Node) and program.is_weight(value):
+            host[i] = functools.partial(lambda tensor, args: tensor, program.weight(value))
+        elif isinstance(value, fx.Node) and isinstance(value.meta.get("val"), torch.Tensor):
             keep.append(value)
         else:
             host[i] = _evaluator(value, placeholders)

@@ -119,8 +119,15 @@ def _add_rms_norm(x, residual, weight, eps: float, offset: float = 0.0):
     op, msft = _opsets()
     if offset:
         weight = op.Add(weight, op.CastLike(op.Constant(value_float=offset), weight))
+    rank = len(x.shape) if getattr(x, "shape", None) is not None else 3
+    if rank > 3:  # the kernel takes [B, S, D] or [N, D]: a per-head norm is [B, H, S, D]
+        shape = op.Shape(x)
+        rows = op.Concat(op.Constant(value_ints=[-1]), op.Shape(x, start=-1), axis=0)
+        x, residual = op.Reshape(x, rows), op.Reshape(residual, rows)
     out, _, _, total = msft.SkipSimplifiedLayerNormalization(x, residual, weight, None,
                                                              epsilon=eps)
+    if rank > 3:
+        out, total = op.Reshape(out, shape), op.Reshape(total, shape)
     return out, total
 
 

@@ -338,3 +338,51 @@ def test_static_kv_cache_written_in_place_is_copied_back():
     for got, expected in zip(steps(compiled), steps(model.forward)):
         torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
     assert any(r.model.mutations for r in lower._SESSIONS.values())
+
+
+class HeadNorm(torch.nn.Module):
+    """Residual add + RMSNorm over each head ([B, H, S, D]: Hunyuan's q/k norms)."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.rand(16) + 0.5)
+
+    def forward(self, x, residual):
+        h = x + residual
+        return h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6) * self.weight, h
+
+
+def test_residual_norm_over_heads_runs_in_onnxruntime():
+    # SkipSimplifiedLayerNormalization takes 2-d or 3-d inputs: 4-d ones are reshaped around it
+    module = HeadNorm()
+    x, r = torch.randn(2, 4, 5, 16), torch.randn(2, 4, 5, 16)
+    compiled = torch.compile(module, backend="llmcompile", options=ORT)
+    with torch.no_grad(), collect_reports() as reports:
+        got = compiled(x, r)
+        want = module(x, r)
+    assert reports[0].fired("add_rmsnorm") == 1
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5)
+    assert last_session_ops() == {"SkipSimplifiedLayerNormalization": 1}
+
+
+class ReturnsAFoldedWeight(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.randn(8, 8))
+
+    def forward(self, x):
+        return x @ self.w, self.w.t() * 2  # the second output folds into a constant
+
+
+def test_an_output_folded_from_weights_alone_is_returned_by_the_host():
+    # regression: "ValueError: 'b__llmc_folded_0' is not in list" (fallback False), or a
+    # silent Inductor fallback: the ONNX graph does not output constants, the host does
+    module, x = ReturnsAFoldedWeight(), torch.randn(3, 8)
+    compiled = torch.compile(module, backend="llmcompile", options=ORT)
+    with torch.no_grad(), collect_reports() as reports:
+        got = compiled(x)
+        want = module(x)
+    assert reports and reports[0].fallback is None
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5)
