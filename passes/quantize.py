@@ -132,6 +132,9 @@ class QuantizeConfig(PassConfig):
         def check(m: Match) -> Reject | dict:
             if m.anchor.name not in keys:
                 return Reject("not selected (skipped, not a 2-d float weight, or no weight)")
+            if not onnx and not cpu.packed_kernels_pay():
+                return Reject(f"ATen has no vector kernels for packed weights on this CPU "
+                              f"({cpu.capability()}): a dense float matmul is faster")
             if self.bits == 4 and m.shape("w")[0] % 16 and not onnx:
                 return Reject(f"output width {m.shape('w')[0]} is not a multiple of 16, which "
                               "the int4 CPU kernel needs")

@@ -2,9 +2,12 @@
 
 Machines range from AVX2-only to AVX-512 with bf16 and AMX. The packed weight-only kernels
 (``_weight_int8pack_mm``, ``_weight_int4pack_mm_for_cpu``) take activations in bfloat16 or
-float32: with native bf16 (AVX-512 BF16 / AMX) bf16 activations are several times faster; without
-it (AVX2) the bf16 path emulates the conversions and float32 is the faster one (measured:
-BENCHMARKS.md, "CPU-dependent kernel choice"). Inductor picks its own vector ISA the same way.
+float32. Measured on both kernel ISAs (``ATEN_CPU_CAPABILITY=avx2`` and the AVX-512 build on an
+AVX-512 BF16 machine; BENCHMARKS.md, "CPU-dependent kernel choice"): bfloat16 activations are
+10-60x faster than float32 ones on *both* (the float32 path is a scalar loop), so bfloat16 is
+the choice for every ISA with vector kernels. Where ATen has none (``DEFAULT``), the packed
+kernels would be slower than a dense float32 matmul: :func:`packed_kernels_pay` says so and the
+quantize pass declines with that reason. Inductor picks its own vector ISA from the CPU too.
 """
 
 from __future__ import annotations
@@ -15,9 +18,10 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["capability", "cpu_flags", "native_bf16", "packed_activation_dtype"]
+__all__ = ["capability", "cpu_flags", "describe", "packed_activation_dtype",
+           "packed_kernels_pay"]
 
-_BF16_FLAGS = {"avx512_bf16", "amx_bf16"}
+_VECTOR_ISAS = ("AVX2", "AVX512")
 
 
 @functools.cache
@@ -38,20 +42,24 @@ def capability() -> str:
     return torch.backends.cpu.get_cpu_capability()
 
 
-def native_bf16(flags: frozenset[str] | None = None, isa: str | None = None) -> bool:
-    """True when the kernels can use bf16 instructions (AVX-512 BF16 or AMX, AVX-512 kernels)."""
-    flags = cpu_flags() if flags is None else flags
+def describe() -> str:
+    """One line for benchmark tables: kernel ISA and the flags that matter for LLM kernels."""
+    wanted = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_int8")
+    return f"ATen {capability()}; flags: " + " ".join(f for f in wanted if f in cpu_flags())
+
+
+def packed_kernels_pay(isa: str | None = None) -> bool:
+    """True where ATen has vector kernels for the packed int8 / int4 matmuls."""
     isa = capability() if isa is None else isa
-    return isa.upper().startswith("AVX512") and bool(flags & _BF16_FLAGS)
+    return isa.upper().startswith(_VECTOR_ISAS)
 
 
-def packed_activation_dtype(flags: frozenset[str] | None = None, isa: str | None = None
-                            ) -> torch.dtype:
-    """The activation dtype of the packed int8 / int4 CPU kernels on this machine
-    (``LLMCOMPILE_PACKED_DTYPE=float32|bfloat16`` overrides)."""
+def packed_activation_dtype() -> torch.dtype:
+    """The activation dtype of the packed int8 / int4 CPU kernels: bfloat16 (measured fastest on
+    AVX2 and AVX-512 kernels); ``LLMCOMPILE_PACKED_DTYPE=float32|bfloat16`` overrides."""
     forced = os.environ.get("LLMCOMPILE_PACKED_DTYPE", "")
     if forced:
         if forced not in ("float32", "bfloat16"):
             raise ValueError(f"LLMCOMPILE_PACKED_DTYPE={forced!r}: use float32 or bfloat16")
         return getattr(torch, forced)
-    return torch.bfloat16 if native_bf16(flags, isa) else torch.float32
+    return torch.bfloat16

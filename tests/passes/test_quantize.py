@@ -160,20 +160,29 @@ def test_too_short_calibration_text_is_a_clear_error(tmp_path):
         calibration_tokens(Tok(), tmp_path / "missing.txt", 10)
 
 
-def test_packed_kernel_dtype_follows_the_cpu(monkeypatch):
+def test_packed_kernel_choice_checks_the_cpu(monkeypatch):
     from llmcompile.ops import cpu
 
     monkeypatch.delenv("LLMCOMPILE_PACKED_DTYPE", raising=False)
-    assert cpu.packed_activation_dtype(frozenset({"avx2", "fma"}), "AVX2") == torch.float32
-    assert cpu.packed_activation_dtype(frozenset({"avx512_bf16"}), "AVX512") == torch.bfloat16
-    assert cpu.packed_activation_dtype(frozenset({"amx_bf16"}), "AVX512") == torch.bfloat16
-    # ATEN_CPU_CAPABILITY=avx2 on an AVX-512 machine: the AVX2 kernels have no native bf16
-    assert cpu.packed_activation_dtype(frozenset({"avx512_bf16"}), "AVX2") == torch.float32
+    assert cpu.packed_activation_dtype() == torch.bfloat16  # fastest on AVX2 and AVX-512
+    assert cpu.packed_kernels_pay("AVX2") and cpu.packed_kernels_pay("AVX512")
+    assert not cpu.packed_kernels_pay("DEFAULT")
+    assert cpu.capability() in cpu.describe()
     monkeypatch.setenv("LLMCOMPILE_PACKED_DTYPE", "float32")
-    assert cpu.packed_activation_dtype(frozenset({"avx512_bf16"}), "AVX512") == torch.float32
+    assert cpu.packed_activation_dtype() == torch.float32
     monkeypatch.setenv("LLMCOMPILE_PACKED_DTYPE", "int8")
     with pytest.raises(ValueError, match="float32 or bfloat16"):
         cpu.packed_activation_dtype()
+
+
+def test_without_vector_kernels_the_packed_rewrite_declines(monkeypatch):
+    from llmcompile.ops import cpu
+
+    monkeypatch.setattr(cpu, "capability", lambda: "DEFAULT")
+    reports = explain("llama", "int8")
+    assert reports[0].fired("int8_linear") == 0
+    assert any("vector kernels" in r for run in reports[0].runs
+               for r in run.stats.reasons("int8_linear"))
 
 
 def test_float32_activation_path_of_the_packed_kernels_is_exact_to_its_dequantized_weight():
