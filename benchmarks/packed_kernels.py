@@ -16,12 +16,12 @@ from llmcompile.ops import cpu
 N, K, GROUP = 1536, 576, 64
 
 
-def mean_us(fn, calls: int = 200, warmup: int = 20) -> float:
+def mean_us(fn, *args, calls: int = 200, warmup: int = 20) -> float:
     for _ in range(warmup):  # first-touch memory is slow: warm up before timing
-        fn()
+        fn(*args)
     start = time.perf_counter()
     for _ in range(calls):
-        fn()
+        fn(*args)
     return (time.perf_counter() - start) / calls * 1e6
 
 
@@ -37,10 +37,9 @@ def main() -> None:
         for dtype in (torch.bfloat16, torch.float32):
             xs, scales = x.to(dtype), s8.to(dtype)
             packed, sz = q4.pack_cpu(dtype)
-            t8 = mean_us(lambda: torch.ops.aten._weight_int8pack_mm(xs, q8, scales))
-            t4 = mean_us(lambda: torch.ops.aten._weight_int4pack_mm_for_cpu(xs, packed, GROUP,
-                                                                             sz))
-            dense = mean_us(lambda: xs @ w.T) if dtype == torch.float32 else float("nan")
+            t8 = mean_us(torch.ops.aten._weight_int8pack_mm, xs, q8, scales)
+            t4 = mean_us(torch.ops.aten._weight_int4pack_mm_for_cpu, xs, packed, GROUP, sz)
+            dense = mean_us(torch.mm, xs, w.T) if dtype == torch.float32 else float("nan")
             print(f"M={m:4d} {str(dtype):15s} int8 {t8:9.1f} us   int4 {t4:9.1f} us   "
                   f"dense fp32 {dense:9.1f} us")
 
