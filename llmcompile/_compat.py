@@ -35,6 +35,7 @@ __all__ = [
     "same_shape",
     "trace_aten",
     "cache_kwarg",
+    "causal_lm_model_types",
 ]
 
 inductor_config = torch._inductor.config
@@ -103,3 +104,11 @@ def cache_kwarg(model: Any) -> str:
     except (TypeError, ValueError):
         return "past_key_values"
     return "cache" if "cache" in params else "past_key_values"
+
+
+def causal_lm_model_types() -> list[str]:
+    """Every model type the installed transformers maps to a causal-LM class (the auto
+    mapping's private table; 5.x keeps it in ``models.auto.modeling_auto``)."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    return sorted(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)

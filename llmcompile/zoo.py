@@ -87,6 +87,6 @@ EXCLUDED: dict[str, str] = {arch: why for why, archs in _LEFT_OUT.items() for ar
 
 def causal_lm_architectures() -> list[str]:
     """Every model type the installed transformers maps to a causal-LM class."""
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    from ._compat import causal_lm_model_types
 
-    return sorted(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
+    return causal_lm_model_types()
