@@ -17,8 +17,8 @@ import onnx
 import torch
 
 import llmcompile
-from llmcompile.models import greedy_generate, load_smollm2, smollm2_folder, tiny_model
-from llmcompile.onnx import OnnxCausalLM
+from llmcompile import OnnxCausalLM
+from llmcompile.tools.models import greedy_generate, load_smollm2, smollm2_folder, tiny_model
 
 
 def main() -> None:

@@ -15,8 +15,8 @@ import time
 import torch
 
 import llmcompile
-from llmcompile.models import greedy_generate as greedy
-from llmcompile.models import load_smollm2, tiny_model
+from llmcompile.tools.models import greedy_generate as greedy
+from llmcompile.tools.models import load_smollm2, tiny_model
 
 
 def main() -> None:

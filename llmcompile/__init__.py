@@ -6,7 +6,7 @@
 Public API (everything else may move):
   compile, explain          -- compile a model / callable, or report what the rules would do
   export                    -- write an ONNX file (KV-cache I/O, contrib ops) for deployment
-  onnx.OnnxCausalLM         -- run such a file (greedy generation) with onnxruntime
+  OnnxCausalLM              -- run such a file (greedy generation) with onnxruntime
   Recipe, RecipeError, load_recipe, presets
   Rule, RuleSet, Reject, Match, UserRules   -- write your own rules
   ops                       -- the fused ops rules introduce (torch.ops.llmcompile.*)
@@ -15,24 +15,22 @@ Public API (everything else may move):
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
-# load the submodules named like the facade functions first, so the functions defined below
-# (not the modules) stay the package attributes ``llmcompile.explain`` / ``llmcompile.export``
-from . import explain as _explain_module  # noqa: F401
-from . import export as _export_module  # noqa: F401
 from . import ops
-from .pipeline import Report, UserRules
-from .recipe import PassConfig, Recipe, RecipeError, presets
-from .recipe import resolve_recipe as load_recipe
-from .rules import Match, Reject, Rule, RuleSet
+from ._compat import tokenizer_path as _tokenizer_path
+from .core.pipeline import Report, UserRules
+from .core.recipe import PassConfig, Recipe, RecipeError
+from .core.rules import Match, Reject, Rule, RuleSet
+from .registry import presets
+from .registry import resolve_recipe as load_recipe
 
 __version__ = "0.1.0"
 
 __all__ = [
     "Match", "PassConfig", "Recipe", "RecipeError", "Reject", "Report", "Rule", "RuleSet",
-    "UserRules", "compile", "explain", "export", "load_recipe", "ops", "presets",
+    "OnnxCausalLM", "UserRules", "compile", "explain", "export", "load_recipe", "ops",
+    "presets",
 ]
 
 
@@ -57,18 +55,14 @@ def compile(model: Any, recipe: Any = None, *, target: str | None = None,
     return torch.compile(model, backend="llmcompile", options=options, **torch_compile_kwargs)
 
 
-def _tokenizer_path(model: Any):
-    """A transformers model's own folder, where its tokenizer usually lives (or None)."""
-    owner = getattr(model, "__self__", model)  # a bound forward -> its module
-    path = getattr(getattr(owner, "config", None), "_name_or_path", "") or ""
-    return path if path and os.path.isdir(path) else None
-
-
 def export(model: Any, path: Any, recipe: Any = None, **kwargs: Any):
-    """Export a causal LM rewritten by ``recipe`` to an ONNX file (see llmcompile.export)."""
-    from .export import export as _export
+    """Export a causal LM rewritten by ``recipe`` to an ONNX file (KV-cache I/O, contrib ops):
+    ``model`` is an ``nn.Module``, ``"smollm2"``, a tiny architecture name or a transformers
+    folder; see :func:`llmcompile.deploy.export.export`."""
+    from .deploy.export import export as _export
+    from .tools.explain import load_model
 
-    return _export(model, path, recipe, **kwargs)
+    return _export(load_model(model), path, load_recipe(recipe), **kwargs)
 
 
 def explain(model: Any, recipe: Any = None, example_inputs: Any = None) -> list[Report]:
@@ -77,6 +71,14 @@ def explain(model: Any, recipe: Any = None, example_inputs: Any = None) -> list[
     ``model`` is an ``nn.Module`` (a causal LM is fed a short prompt by default), a tiny
     architecture name (``"llama"``), or a transformers folder path.
     """
-    from .explain import explain as _explain
+    from .tools.explain import explain as _explain
 
     return _explain(model, recipe, example_inputs)
+
+
+def __getattr__(name: str):
+    if name == "OnnxCausalLM":  # loads onnxruntime: only when asked for
+        from .deploy.runner import OnnxCausalLM
+
+        return OnnxCausalLM
+    raise AttributeError(f"module 'llmcompile' has no attribute {name!r}")

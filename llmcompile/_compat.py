@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import os
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -36,6 +37,7 @@ __all__ = [
     "trace_aten",
     "cache_kwarg",
     "causal_lm_model_types",
+    "tokenizer_path",
 ]
 
 inductor_config = torch._inductor.config
@@ -112,3 +114,11 @@ def causal_lm_model_types() -> list[str]:
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
     return sorted(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
+
+
+def tokenizer_path(model: Any) -> str | None:
+    """A transformers model's own folder (``config._name_or_path``), where its tokenizer usually
+    lives, or None. ``model`` is the module or its bound forward."""
+    owner = getattr(model, "__self__", model)  # a bound forward -> its module
+    path = getattr(getattr(owner, "config", None), "_name_or_path", "") or ""
+    return path if path and os.path.isdir(path) else None

@@ -7,7 +7,7 @@ Options: ``recipe`` (a Recipe, dict, preset name or .toml path), ``target`` (ove
 recipe's), ``fallback`` (default True: a graph the pipeline or the target cannot handle is
 compiled by plain Inductor, with a logged warning and a report that says why; ``False`` or
 ``"error"`` raises instead), ``verify`` (check the first call of every compiled graph against
-the uncompiled graph; a mismatch raises :class:`~llmcompile.verify.VerificationError`),
+the uncompiled graph; a mismatch raises :class:`~llmcompile.core.verify.VerificationError`),
 ``debug`` (log the pass report). ``tokenizer`` (a tokenizer or its path) tokenizes calibration
 text for calibrated passes.
 Target ``onnxruntime`` runs the rewritten graph in an ONNX Runtime session (contrib ops,
@@ -28,12 +28,13 @@ from typing import Any
 
 import torch.fx as fx
 
+from .core.pipeline import Report, UserRules, run_pipeline
+from .core.program import capture_dynamo, mutated_inputs
+from .core.recipe import Recipe, RecipeError
+from .core.rules import RuleSet
+from .core.verify import verified
 from .lower.inductor import compile_inductor, plain_inductor
-from .pipeline import Report, UserRules, run_pipeline
-from .program import capture_dynamo, mutated_inputs
-from .recipe import Recipe, RecipeError, resolve_recipe
-from .rules import RuleSet
-from .verify import verified
+from .registry import resolve_recipe
 
 log = logging.getLogger("llmcompile")
 

@@ -1,7 +1,7 @@
 """Helpers for unit-testing rules: the same ones the built-in rule sets are tested with.
 
 ```python
-from llmcompile.testing import check_rewrite, assert_declines
+from .testing import check_rewrite, assert_declines
 
 def before(x, w):
     return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * w
@@ -22,11 +22,11 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from .canonicalize import canonicalize
-from .matcher import COMMUTATIVE
-from .program import Program, capture_function
-from .rewrite import Stats, apply_rules
-from .rules import Rule, RuleSet
+from .core.canonicalize import canonicalize
+from .core.matcher import COMMUTATIVE
+from .core.program import Program, capture_function
+from .core.rewrite import Stats, apply_rules
+from .core.rules import Rule, RuleSet
 
 __all__ = ["assert_declines", "check_rewrite", "graph_signature", "rewrite"]
 
@@ -149,3 +149,19 @@ def assert_declines(rules, fn: Callable, inputs: Sequence[Any], *, rule: str, re
         f"rule {rule!r} declined with {reasons or 'no reason (no near miss recorded)'}, "
         f"expected one containing {reason!r}")
     return stats
+
+
+#: the contrib / fused ONNX ops the onnxruntime target and export emit
+ONNX_FUSED_OPS = ("GroupQueryAttention", "SkipSimplifiedLayerNormalization",
+                  "SimplifiedLayerNormalization", "RotaryEmbedding", "MatMulNBits")
+
+
+def onnx_op_counts(path) -> dict[str, int]:
+    """How many of each fused op (:data:`ONNX_FUSED_OPS`) an ONNX file holds."""
+    import collections
+
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    return dict(collections.Counter(n.op_type for n in model.graph.node
+                                    if n.op_type in ONNX_FUSED_OPS))

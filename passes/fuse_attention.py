@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from llmcompile import ops
 from llmcompile._compat import same_shape
-from llmcompile.rules import Match, Reject, Rule, RuleSet
+from llmcompile.core.rules import Match, Reject, Rule, RuleSet
 
 _EXAMPLE = {"q": (2, 4, 5, 8), "k": (2, 4, 6, 8), "v": (2, 4, 6, 8), "mask": (2, 1, 5, 6)}
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 
 from llmcompile import ops
-from llmcompile.rules import Match, Reject, Rule, RuleSet
+from llmcompile.core.rules import Match, Reject, Rule, RuleSet
 
 _EXAMPLE = {"gate": (2, 3, 16), "up": (2, 3, 16)}
 

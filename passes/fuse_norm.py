@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 
 from llmcompile import ops
-from llmcompile.rules import Match, Reject, Rule, RuleSet
+from llmcompile.core.rules import Match, Reject, Rule, RuleSet
 
 _EXAMPLE = {"x": (2, 3, 8), "w": (8,)}
 

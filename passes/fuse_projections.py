@@ -19,7 +19,7 @@ import inspect
 import torch
 import torch.nn.functional as F
 
-from llmcompile.rules import Match, Reject, Rule, RuleSet
+from llmcompile.core.rules import Match, Reject, Rule, RuleSet
 
 _NAMES = {3: ("qkv", ["wq", "wk", "wv"]), 2: ("gate_up", ["wg", "wu"])}
 

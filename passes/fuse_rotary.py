@@ -18,7 +18,7 @@ import torch
 
 from llmcompile import ops
 from llmcompile._compat import same_shape
-from llmcompile.rules import Match, Reject, Rule, RuleSet
+from llmcompile.core.rules import Match, Reject, Rule, RuleSet
 
 aten = torch.ops.aten
 _END = 2**63 - 1  # what `x[..., h:]` traces to

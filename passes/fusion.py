@@ -5,10 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from llmcompile.recipe import PassConfig, RecipeError
-from llmcompile.rules import RuleSet
-
-from . import fuse_attention, fuse_glu, fuse_norm, fuse_projections, fuse_rotary
+from llmcompile.core.recipe import PassConfig, RecipeError
+from llmcompile.core.rules import RuleSet
+from llmcompile.passes import fuse_attention, fuse_glu, fuse_norm, fuse_projections, fuse_rotary
 
 #: Rules apply in this order within each sweep of the fixed point: attention first (its
 #: patterns span the most ops); the norms before add + norm (which matches the fused norm);

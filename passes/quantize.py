@@ -25,11 +25,11 @@ import torch
 import torch.nn.functional as F
 
 from llmcompile import ops, quant
-from llmcompile.calibrate import CalibrationError, calibration_tokens, collect_inputs
+from llmcompile.core.recipe import PassConfig, RecipeError
+from llmcompile.core.rewrite import apply_rules
+from llmcompile.core.rules import Match, Reject, Rule, RuleSet
 from llmcompile.ops import cpu
-from llmcompile.recipe import PassConfig, RecipeError
-from llmcompile.rewrite import apply_rules
-from llmcompile.rules import Match, Reject, Rule, RuleSet
+from llmcompile.quant.calibrate import CalibrationError, calibration_tokens, collect_inputs
 
 GROUP_SIZES = (32, 64, 128)
 CALIBRATION_KEYS = {"samples": 16, "seq_len": 256, "text": ""}

@@ -17,3 +17,15 @@ def _reset_dynamo():
     torch._dynamo.reset()
     yield
     torch._dynamo.reset()
+
+
+# ONNX ops of a tiny model (2 layers): GQA per layer; residual norms 2 per layer; rotary on q, k
+TINY_LLAMA_ONNX_OPS = {"GroupQueryAttention": 2, "SkipSimplifiedLayerNormalization": 4,
+                       "SimplifiedLayerNormalization": 1, "RotaryEmbedding": 4}
+
+
+@pytest.fixture(scope="session")
+def expected_onnx_ops() -> dict[str, dict[str, int]]:
+    """Fused ONNX ops per tiny architecture of the test zoo."""
+    ops = {arch: TINY_LLAMA_ONNX_OPS for arch in ("llama", "qwen2", "mistral", "phi3", "gemma")}
+    return ops | {"gpt2": {"GroupQueryAttention": 2}, "gptj": {"GroupQueryAttention": 2}}

@@ -16,10 +16,10 @@ from typing import Any
 import torch.fx as fx
 
 from .. import _compat
-from ..canonicalize import canonicalize
-from ..program import Program
-from ..rewrite import Stats, apply_rules
-from ..rules import RuleSet
+from ..core.canonicalize import canonicalize
+from ..core.program import Program
+from ..core.rewrite import Stats, apply_rules
+from ..core.rules import RuleSet
 
 __all__ = ["PostGradRules", "compile_inductor", "plain_inductor"]
 

@@ -2,7 +2,7 @@
 
 The rewritten Program becomes an ONNX model in four steps:
 
-1. *lowering rules* (``passes/onnx_attention.py``): causal attention over a KV cache becomes
+1. *lowering rules* (``lower/onnx_attention.py``): causal attention over a KV cache becomes
    ``llmcompile.group_query_attention``, which ONNX Runtime runs as ``GroupQueryAttention``;
 2. weights become constants of the graph (ONNX initializers; a tensor shared by two weights, a
    tied embedding and LM head, is stored once) and symbolic-size inputs become ``sym_size``;
@@ -34,9 +34,9 @@ import torch
 import torch.fx as fx
 
 from .. import _compat
+from ..core.program import Program
+from ..core.rewrite import Stats, apply_rules
 from ..ops.onnx import CPU, CUDA, translation_table
-from ..program import Program
-from ..rewrite import Stats, apply_rules
 
 log = logging.getLogger("llmcompile")
 
@@ -83,7 +83,7 @@ def model_dtype(program: Program) -> torch.dtype:
 
 def prepare(program: Program) -> Stats:
     """Apply the ONNX lowering rules (cached attention -> group_query_attention)."""
-    from ..passes.onnx_attention import RULES
+    from .onnx_attention import RULES
 
     stats = apply_rules(program, RULES)
     program.recompile()
@@ -245,7 +245,7 @@ def _io_map(onnx_program, renamed: bool) -> list[int]:
 def _return_mutated_inputs(program: Program) -> dict[int, int]:
     """Inputs the graph writes in place (a static KV cache) become extra outputs, since the
     exporter drops in-place writes to inputs; returns output index -> input index."""
-    from ..program import mutated_inputs
+    from ..core.program import mutated_inputs
 
     written = mutated_inputs(program.graph)
     if not written:

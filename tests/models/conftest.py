@@ -7,7 +7,7 @@ import pytest
 def smollm2_path():
     """The folder of the installed SmolLM2-135M GGUF (skips the test when it is missing)."""
     pytest.importorskip("gguf")
-    from llmcompile.models import smollm2_folder
+    from llmcompile.tools.models import smollm2_folder
 
     try:
         return smollm2_folder()

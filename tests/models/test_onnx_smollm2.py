@@ -16,8 +16,8 @@ import pytest
 import torch
 
 from llmcompile import export
-from llmcompile.models import greedy_generate, load_smollm2
-from llmcompile.onnx import OnnxCausalLM
+from llmcompile.deploy.runner import OnnxCausalLM
+from llmcompile.tools.models import greedy_generate, load_smollm2
 
 pytest.importorskip("onnxruntime")
 
@@ -48,7 +48,7 @@ def test_fp32_file_generates_eager_tokens(smollm2, fp32_file):
 @pytest.mark.slow
 def test_int4_file_is_a_third_and_within_the_perplexity_bound(smollm2, smollm2_path, fp32_file,
                                                                tmp_path):
-    from llmcompile.quality import DEFAULT_TEXT, _windows, perplexity
+    from llmcompile.tools.quality import DEFAULT_TEXT, _windows, perplexity
 
     model, tokenizer = smollm2
     int4 = export(model, tmp_path / "int4.onnx", "int4", tokenizer=str(smollm2_path))

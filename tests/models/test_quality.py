@@ -6,7 +6,7 @@ A subset fast enough for CI: 3 windows of 512 tokens, rewritten graphs run witho
 
 import pytest
 
-from llmcompile.quality import run_quality
+from llmcompile.tools.quality import run_quality
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import llmcompile
-from llmcompile.models import greedy_generate, load_smollm2
+from llmcompile.tools.models import greedy_generate, load_smollm2
 
 
 @pytest.mark.slow

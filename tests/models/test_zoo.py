@@ -6,7 +6,7 @@ import torch
 from transformers import GPTJForCausalLM
 
 from llmcompile.backend import collect_reports
-from llmcompile.models import tiny_model
+from llmcompile.tools.models import tiny_model
 
 OPTIONS = {"recipe": "default", "fallback": False}
 

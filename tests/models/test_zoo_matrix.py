@@ -1,4 +1,4 @@
-"""The architecture matrix: every architecture of :data:`llmcompile.zoo.ZOO` (tiny, random
+"""The architecture matrix: every architecture of :data:`llmcompile.tools.zoo.ZOO` (tiny, random
 weights) x targets ``inductor`` and ``onnxruntime`` x recipes ``default``, ``int8`` and
 ``int4-rtn``, each compiled fullgraph without fallback.
 
@@ -20,8 +20,8 @@ import torch
 
 from llmcompile.backend import collect_reports
 from llmcompile.lower import onnxruntime as ort_lower
-from llmcompile.models import tiny_model
-from llmcompile.zoo import EXCLUDED, ZOO, causal_lm_architectures
+from llmcompile.tools.models import tiny_model
+from llmcompile.tools.zoo import EXCLUDED, ZOO, causal_lm_architectures
 
 TARGETS = ("inductor", "onnxruntime")
 RECIPES = ("default", "int8", "int4-rtn")
@@ -100,6 +100,6 @@ def test_cell(arch, target, recipe, recorded):
 @pytest.mark.zoo
 def test_every_causal_lm_architecture_is_in_the_zoo_or_excluded_with_a_reason():
     unlisted = sorted(set(causal_lm_architectures()) - set(ZOO) - set(EXCLUDED))
-    assert not unlisted, f"classify these in llmcompile/zoo.py: {unlisted}"
+    assert not unlisted, f"classify these in llmcompile/tools/zoo.py: {unlisted}"
     assert not set(ZOO) & set(EXCLUDED)
     assert all(reason.strip() for reason in EXCLUDED.values())

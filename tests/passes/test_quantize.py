@@ -4,9 +4,9 @@ import pytest
 import torch
 
 from llmcompile import Recipe, RecipeError, load_recipe, ops, quant
-from llmcompile.explain import explain
 from llmcompile.passes.fusion import FuseConfig
 from llmcompile.passes.quantize import QuantizeConfig
+from llmcompile.tools.explain import explain
 
 
 def test_int8_round_trip_and_error_bound():
@@ -98,7 +98,7 @@ def test_config_errors_name_the_valid_choices(fields, message):
     ({"bits": 4, "method": "awq"}, "needs a tokenizer"),
 ])
 def test_model_dependent_errors_raise_before_compiling(fields, message):
-    model = __import__("llmcompile.models", fromlist=["tiny_model"]).tiny_model("llama")
+    model = __import__("llmcompile.tools.models", fromlist=["tiny_model"]).tiny_model("llama")
     fn = torch.compile(model.forward, backend="llmcompile",
                        options={"recipe": {"passes": [{"name": "quantize_weights", **fields}]}})
     with pytest.raises(Exception, match=message):
@@ -106,7 +106,7 @@ def test_model_dependent_errors_raise_before_compiling(fields, message):
 
 
 def test_quantized_tiny_llama_stays_close_to_float():
-    from llmcompile.models import tiny_model
+    from llmcompile.tools.models import tiny_model
 
     model = tiny_model("llama")
     ids = torch.randint(0, 256, (1, 24))
@@ -126,7 +126,7 @@ def test_quantized_recipes_work_across_the_zoo(arch, recipe):
     import dataclasses
 
     from llmcompile.backend import collect_reports
-    from llmcompile.models import tiny_model
+    from llmcompile.tools.models import tiny_model
 
     model = tiny_model(arch)
     ids = torch.randint(0, 256, (1, 16))
@@ -145,7 +145,7 @@ def test_quantized_recipes_work_across_the_zoo(arch, recipe):
 
 
 def test_too_short_calibration_text_is_a_clear_error(tmp_path):
-    from llmcompile.calibrate import CalibrationError, calibration_tokens
+    from llmcompile.quant.calibrate import CalibrationError, calibration_tokens
 
     short = tmp_path / "short.txt"
     short.write_text("Only a few words here.")

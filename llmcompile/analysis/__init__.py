@@ -1,0 +1,1 @@
+"""What passes ask about a graph: ``masks`` (is this attention mask causal, windowed?)."""

@@ -1,0 +1,257 @@
+"""``llmcompile.export``: a transformers causal LM + a recipe -> an ONNX file for deployment.
+
+The file takes ``input_ids [batch, sequence]``, ``position_ids [batch, sequence]`` and, per
+layer, ``past_key_values.{i}.key/value [batch, kv_heads, past_sequence, head_dim]``; it returns
+``logits [batch, sequence, vocab]`` and ``present.{i}.key/value`` (past + new), so a generation
+loop (:class:`~llmcompile.deploy.runner.OnnxCausalLM`) can drive it. Batch, sequence and past
+length are dynamic. Rows of a batch must have equal lengths (no padding mask).
+
+The model is captured with ``torch.export`` while its attention runs through
+``llmcompile.attention`` (causal, no mask tensor), the recipe's passes run as for
+``torch.compile``, and the result is lowered to ONNX Runtime contrib ops. Weights are written
+as external data next to the file; a ``<name>.llmcompile.json`` sidecar describes the I/O.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .. import _compat
+from ..core.pipeline import PassRun, Report, run_pipeline
+from ..core.program import capture_export
+from ..core.recipe import Recipe
+from ..lower.onnxruntime import OnnxLoweringError, model_dtype, prepare, to_onnx
+from ..ops.onnx import CPU
+
+log = logging.getLogger("llmcompile")
+
+__all__ = ["ExportResult", "export"]
+
+ATTENTION = "llmcompile_causal"
+
+
+@dataclass
+class ExportResult:
+    path: Path
+    report: Report
+    sidecar: dict[str, Any]
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def size_bytes(self) -> int:
+        """The ONNX file plus its external data."""
+        data = self.path.with_name(self.path.name + ".data")
+        return self.path.stat().st_size + (data.stat().st_size if data.exists() else 0)
+
+
+def _attention(module, query, key, value, attention_mask, dropout: float = 0.0,
+               scaling: float | None = None, sliding_window: int | None = None,
+               softcap: float | None = None, s_aux=None, **kwargs):
+    """transformers attention interface: causal attention as one ``llmcompile.attention``."""
+    from .. import ops
+
+    if softcap is not None or s_aux is not None:
+        raise OnnxLoweringError("attention with logit soft-capping or sinks cannot be exported "
+                                "(GroupQueryAttention has neither)")
+    if not getattr(module, "is_causal", True):
+        raise OnnxLoweringError("only causal (decoder) attention can be exported")
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    out = ops.attention(query, key, value, None, scale, True, int(sliding_window or 0))
+    return out.transpose(1, 2).contiguous(), None
+
+
+@contextlib.contextmanager
+def _causal_attention(model):
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(ATTENTION, _attention)
+    configs = [m.config for m in model.modules() if hasattr(getattr(m, "config", None),
+                                                                 "_attn_implementation")]
+    saved = [c._attn_implementation for c in configs]
+    for c in configs:
+        c._attn_implementation = ATTENTION
+    try:
+        yield
+    finally:
+        for c, s in zip(configs, saved):
+            c._attn_implementation = s
+
+
+class _CausalLM(torch.nn.Module):
+    """Flat tensors in and out: (ids, positions, *past) -> (logits, *present)."""
+
+    def __init__(self, model, layers: int):
+        super().__init__()
+        self.model, self.layers = model, layers
+
+    def forward(self, input_ids, position_ids, past):
+        from transformers import DynamicCache
+
+        cache = DynamicCache()
+        for i in range(self.layers):
+            cache.update(past[2 * i], past[2 * i + 1], i)
+        out = self.model(input_ids=input_ids, position_ids=position_ids,
+                         **{_compat.cache_kwarg(self.model): cache},
+                         use_cache=True)
+        present = []
+        for layer in cache.layers[: self.layers]:
+            present += [layer.keys, layer.values]
+        return (out.logits, *present)
+
+
+def _geometry(config) -> dict[str, int]:
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    layers = text.num_hidden_layers
+    heads = text.num_attention_heads
+    kv_heads = getattr(text, "num_key_value_heads", None) or heads
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
+    return {"layers": layers, "kv_heads": kv_heads, "head_dim": head_dim,
+            "vocab_size": text.vocab_size}
+
+
+def _names(layers: int) -> tuple[list[str], list[str]]:
+    past = [f"past_key_values.{i}.{kv}" for i in range(layers) for kv in ("key", "value")]
+    present = [f"present.{i}.{kv}" for i in range(layers) for kv in ("key", "value")]
+    return ["input_ids", "position_ids", *past], ["logits", *present]
+
+
+def _dtype_device(module) -> tuple[torch.dtype, torch.device]:
+    dtype = next((p.dtype for p in module.parameters() if p.is_floating_point()), torch.float32)
+    device = next((p.device for p in module.parameters()), torch.device("cpu"))
+    return dtype, device
+
+
+def capture_causal_lm(module, geometry: dict) -> tuple[Any, tuple, tuple]:
+    """``torch.export`` of ``module`` with the file's I/O (:class:`_CausalLM`), dynamic batch,
+    sequence and past length: ``(exported program, example args, dynamic shapes)``."""
+    from torch.export import Dim
+
+    dtype, device = _dtype_device(module)
+    batch, seq, past_len = 2, 3, 4  # not 0 or 1: export would specialize those sizes
+    ids = torch.randint(0, geometry["vocab_size"], (batch, seq), device=device)
+    positions = (torch.arange(seq, device=device) + past_len).expand(batch, seq).contiguous()
+    past = tuple(torch.randn(batch, geometry["kv_heads"], past_len, geometry["head_dim"],
+                             dtype=dtype, device=device) for _ in range(2 * geometry["layers"]))
+    b, s, p = Dim("batch"), Dim("sequence"), Dim("past_sequence")
+    dynamic = ({0: b, 1: s}, {0: b, 1: s}, tuple({0: b, 2: p} for _ in past))
+    args = (ids, positions, past)
+    with torch.no_grad():
+        ep = torch.export.export(_CausalLM(module, geometry["layers"]).eval(), args,
+                                 dynamic_shapes=dynamic, strict=False)
+    return ep, args, dynamic
+
+
+def write_sidecar(path: Path, module, **extra: Any) -> dict[str, Any]:
+    """``<name>.llmcompile.json`` beside ``path``: geometry, dtype, I/O names (the runner's)."""
+    geometry = _geometry(module.config)
+    inputs, outputs = _names(geometry["layers"])
+    sidecar = {**geometry, "dtype": str(_dtype_device(module)[0]).removeprefix("torch."),
+               "inputs": inputs, "outputs": outputs,
+               "eos_token_id": getattr(module.config, "eos_token_id", None), **extra}
+    path.with_name(path.stem + ".llmcompile.json").write_text(json.dumps(sidecar, indent=2))
+    return sidecar
+
+
+def _rename_dims(path: Path, layers: int) -> None:
+    """Give the dynamic axes readable names (batch, sequence, past_sequence, total_sequence)."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    graph = model.graph
+    rename: dict[str, str] = {}
+
+    def take(value, axis: int, name: str) -> None:
+        dim = value.type.tensor_type.shape.dim[axis]
+        if dim.dim_param and dim.dim_param not in rename:
+            rename[dim.dim_param] = name
+
+    inputs = {v.name: v for v in graph.input}
+    take(inputs["input_ids"], 0, "batch")
+    take(inputs["input_ids"], 1, "sequence")
+    if layers:
+        take(inputs["past_key_values.0.key"], 2, "past_sequence")
+        take(next(o for o in graph.output if o.name == "present.0.key"), 2, "total_sequence")
+    for value in [*graph.input, *graph.output, *graph.value_info]:
+        for dim in value.type.tensor_type.shape.dim:
+            if dim.dim_param in rename:
+                dim.dim_param = rename[dim.dim_param]
+    onnx.save(model, str(path))
+
+
+def export(model: torch.nn.Module, path: str | Path, recipe: Recipe, *, tokenizer: Any = None,
+           provider: str = CPU, check: bool = True) -> ExportResult:
+    """Export a causal LM rewritten by ``recipe`` to ``path`` (``.onnx`` + ``.onnx.data``).
+
+    ``model`` is a transformers causal LM (``llmcompile.export`` also takes ``"smollm2"``, a
+    tiny architecture name or a folder). ``tokenizer`` (or its path) is needed by calibrated
+    recipes and is saved next to the file. ``provider`` picks which contrib ops to emit (those
+    it has kernels for); the file runs on any provider that has them.
+    """
+    import onnx
+
+    started = time.perf_counter()
+    module = model.eval()
+    if tokenizer is None:
+        tokenizer = _compat.tokenizer_path(module)
+    geometry = _geometry(module.config)
+    layers = geometry["layers"]
+    dtype, device = _dtype_device(module)
+    log.info("llmcompile export: capturing %s (%d layers) with torch.export",
+             type(module).__name__, layers)
+    with _causal_attention(module):
+        ep, args, dynamic = capture_causal_lm(module, geometry)
+    routed = sum(n.target is torch.ops.llmcompile.attention.default for n in ep.graph.nodes)
+    if routed != layers:
+        raise OnnxLoweringError(
+            f"{type(module).__name__}: {routed} of {layers} layers run attention through "
+            "transformers' attention interface; the others compute it by hand and would lose "
+            "their causal mask, so this architecture cannot be exported")
+    program = capture_export(ep, root="model.")  # _CausalLM.model: paths as in the model
+    program.context.update(target="onnxruntime", tokenizer=tokenizer)
+    program.example_inputs = _calibration_inputs(program, geometry, dtype, device)
+    log.info("llmcompile export: running recipe %r", recipe.name)
+    report = run_pipeline(program, recipe)
+    start = time.perf_counter()
+    report.runs.append(PassRun("lower", "onnx_attention", prepare(program),
+                               time.perf_counter() - start))
+    input_names, output_names = _names(layers)
+    path = Path(path)
+    log.info("llmcompile export: writing %s", path)
+    result = to_onnx(program, [*args[:2], *args[2]], path, provider=provider,
+                     input_names=input_names, output_names=output_names,
+                     dynamic_shapes=(*dynamic[:2], *dynamic[2]))
+    _rename_dims(path, layers)
+    if check:
+        onnx.checker.check_model(str(path), full_check=True)
+    sidecar = write_sidecar(path, module, recipe=recipe.name, rules=report.counts(),
+                            weights_dtype=str(model_dtype(program)))
+    if tokenizer is not None:
+        _save_tokenizer(tokenizer, path.parent)
+    log.info("llmcompile export: done in %.0f s", time.perf_counter() - started)
+    return ExportResult(path, report, sidecar, result.notes)
+
+
+def _calibration_inputs(program, geometry: dict, dtype, device, length: int = 256) -> list:
+    """Inputs a calibrated pass reruns the graph on: a prefill of ``length`` tokens."""
+    user = iter([torch.zeros(1, length, dtype=torch.long, device=device),
+                 torch.arange(length, device=device)[None],
+                 *(torch.zeros(1, geometry["kv_heads"], 0, geometry["head_dim"], dtype=dtype,
+                               device=device) for _ in range(2 * geometry["layers"]))])
+    return [program.weights[n.name] if n.name in program.weights else next(user)
+            for n in program.graph.nodes if n.op == "placeholder"]
+
+
+def _save_tokenizer(tokenizer: Any, folder: Path) -> None:
+    if isinstance(tokenizer, (str, Path)):
+        from ..quant.calibrate import load_tokenizer
+
+        tokenizer = load_tokenizer(tokenizer)
+    tokenizer.save_pretrained(str(folder))

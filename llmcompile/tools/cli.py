@@ -1,0 +1,148 @@
+"""The ``llmcompile`` command line: explain, recipes, quality, bench, export, generate."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from ..core.recipe import RecipeError
+from ..registry import presets, resolve_recipe
+
+__all__ = ["main"]
+
+
+def _explain(args: argparse.Namespace) -> int:
+    from .explain import explain
+
+    reports = explain(args.model, args.recipe, prompt_len=args.prompt_len,
+                      lower=True if args.lower else None)
+    if args.json:
+        print(json.dumps([{"recipe": r.recipe, "folded": r.folded, "fallback": r.fallback,
+                           "fallback_stage": r.fallback_stage, "passes": [
+            {"phase": p.phase, "pass": p.name, "rules": {
+                name: {"fired": s.fired, "near_misses": s.near_misses}
+                for name, s in p.stats.rules.items()}} for p in r.runs]} for r in reports],
+            indent=2))
+        return 0
+    for i, report in enumerate(reports):
+        print(f"graph {i}: " + report.format(misses=args.misses))
+    fell = sum(r.fallback is not None for r in reports)
+    if fell:
+        print(f"{fell} of {len(reports)} graph(s) would fall back to plain Inductor")
+    return 0
+
+
+def _recipes(args: argparse.Namespace) -> int:
+    if args.name:
+        print(resolve_recipe(args.name).to_toml(), end="")
+        return 0
+    for name, path in sorted(presets().items()):
+        first = path.read_text().splitlines()[0].lstrip("# ")
+        print(f"{name:<14} {first}")
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    import logging
+
+    from ..deploy.export import export
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    result = export(args.model, args.output, args.recipe, tokenizer=args.tokenizer,
+                    provider=args.provider)
+    print(f"wrote {result.path} ({result.size_bytes / 2**20:.1f} MiB with external data), "
+          f"recipe {result.report.recipe!r}")
+    for name, count in sorted(result.report.counts().items()):
+        if count:
+            print(f"  {name:<28} {count}")
+    for note in result.notes:
+        print(f"  note: {note}")
+    return 0
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from ..deploy.runner import OnnxCausalLM
+
+    lm = OnnxCausalLM(args.model, threads=args.threads)
+    from ..quant.calibrate import load_tokenizer
+
+    tokenizer = load_tokenizer(args.model.parent)
+    ids = tokenizer(args.prompt).input_ids
+    print(tokenizer.decode(lm.generate(ids, args.max_new_tokens)))
+    return 0
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="llmcompile", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("explain", help="which rules fire on a model, and near misses with reasons")
+    p.add_argument("model", help="tiny architecture (llama, qwen2, ...), 'smollm2' or a folder")
+    p.add_argument("--recipe", default="default", help="preset name or .toml path")
+    p.add_argument("--prompt-len", type=int, default=16)
+    p.add_argument("--misses", type=int, default=3, help="near misses shown per rule")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--lower", action="store_true",
+                   help="also lower each graph (always done for target onnxruntime), so "
+                        "lowering fallbacks are reported")
+    p.set_defaults(func=_explain)
+
+    p = sub.add_parser("recipes", help="list the shipped presets, or print one as TOML")
+    p.add_argument("name", nargs="?")
+    p.set_defaults(func=_recipes)
+
+    from . import quality
+
+    p = sub.add_parser("quality", help="perplexity of recipes on held-out text")
+    quality.add_arguments(p)
+    p.set_defaults(func=quality.main)
+
+    p = sub.add_parser("export", help="write an ONNX file (KV-cache I/O) for deployment")
+    p.add_argument("model", help="'smollm2', a tiny architecture name or a transformers folder")
+    p.add_argument("output", help="the .onnx file to write (weights go to <output>.data)")
+    p.add_argument("--recipe", default="default", help="preset name or .toml path")
+    p.add_argument("--tokenizer", help="tokenizer folder (calibrated recipes; saved with "
+                   "the file); default: the model's own folder")
+    p.add_argument("--provider", default="CPUExecutionProvider",
+                   choices=["CPUExecutionProvider", "CUDAExecutionProvider"],
+                   help="emit the contrib ops this provider runs")
+    p.set_defaults(func=_export)
+
+    p = sub.add_parser("generate", help="greedy generation with an exported ONNX file")
+    p.add_argument("model", type=Path, help="the .onnx file written by `llmcompile export`")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--threads", type=int, default=None)
+    p.set_defaults(func=_generate)
+
+    from . import bench_onnx
+
+    p = sub.add_parser("bench-onnx", help="exported ONNX files vs torch.onnx.export + ONNX "
+                       "Runtime's optimizer: size, prefill, decode")
+    bench_onnx.add_arguments(p)
+    p.set_defaults(func=bench_onnx.main)
+
+    try:
+        from . import bench
+    except ImportError:  # bench is optional at import time only if its deps are missing
+        bench = None
+    if bench is not None:
+        p = sub.add_parser("bench", help="prefill / decode speed and MBU, side by side")
+        bench.add_arguments(p)
+        p.set_defaults(func=bench.main)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (RecipeError, ValueError, FileNotFoundError) as e:
+        print(f"llmcompile: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

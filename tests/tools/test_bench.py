@@ -1,0 +1,179 @@
+"""``llmcompile bench``: the result's structure on the tiny llama (timings are never asserted)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import pytest
+import torch
+
+from llmcompile.tools import bench
+from llmcompile.tools.models import tiny_model
+
+RESULT_FIELDS = ("model", "dtype", "prompt_len", "new_tokens", "repeats", "warmup", "threads",
+                 "weight_bytes", "parameters", "memory_bandwidth", "results", "method")
+ENTRY_FIELDS = ("name", "kind", "error", "compile_s", "first_run_s", "prefill_ms",
+                "weight_bytes", "weight_bytes_source", "prefill_ms_runs", "decode_ms_runs",
+                "prefill_tokens_per_s", "decode_ms_per_token", "decode_tokens_per_s", "mbu",
+                "tokens", "tokens_match", "graphs_compiled", "recompiles_during_timing",
+                "prefill_speedup", "decode_speedup", "warnings")
+
+
+@pytest.fixture(scope="module")
+def result(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("bench")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("TORCHINDUCTOR_CACHE_DIR", str(folder / "inductor"))
+        out = bench.run_bench("llama", prompt_len=8, new_tokens=4, repeats=2,
+                              baselines=["eager", "inductor"], recipes=["default"],
+                              bandwidth_mb=16, bandwidth_repeats=2, progress=False,
+                              json_path=folder / "out.json")
+    on_disk = json.loads((folder / "out.json").read_text())
+    return out, on_disk
+
+
+def test_json_structure(result):
+    out, on_disk = result
+    assert json.loads(json.dumps(out)) == on_disk
+    for key in RESULT_FIELDS:
+        assert key in on_disk, key
+    assert on_disk["model"] == "llama" and on_disk["prompt_len"] == 8
+    assert on_disk["weight_bytes"] > 0
+    assert on_disk["method"].startswith("interleaved") and on_disk["repeats"] == 2
+    bw = on_disk["memory_bandwidth"]
+    assert bw["read_GBps"] > 0 and bw["copy_GBps"] > 0 and bw["bytes"] == 16 * 2**20
+    names = [(r["kind"], r["name"]) for r in on_disk["results"]]
+    assert names == [("baseline", "eager"), ("baseline", "inductor"), ("recipe", "default")]
+
+
+def test_entries(result):
+    _, on_disk = result
+    for entry in on_disk["results"]:
+        for key in ENTRY_FIELDS:
+            assert key in entry, (entry["name"], key)
+        assert entry["error"] is None, entry["error"]
+        for key in ("prefill_ms", "prefill_tokens_per_s", "decode_ms_per_token",
+                    "decode_tokens_per_s", "mbu", "first_run_s", "prefill_speedup",
+                    "decode_speedup"):
+            assert entry[key] > 0, (entry["name"], key)
+        assert entry["compile_s"] >= 0 and entry["warmup_overhead_s"] >= 0
+        assert len(entry["tokens"]) == 4
+        assert len(entry["prefill_ms_runs"]) == len(entry["decode_ms_runs"]) == 2  # rounds
+        assert entry["weight_bytes"] > 0
+        assert isinstance(entry["tokens_match"], bool)
+        assert entry["recompiles_during_timing"] >= 0
+    eager, inductor, default = on_disk["results"]
+    assert eager["tokens_match"] is True and eager["graphs_compiled"] == 0
+    assert inductor["tokens_match"] is True
+    assert inductor["graphs_compiled"] >= 2  # prefill and decode are two specializations
+    assert eager["compile_s"] == 0
+    assert default["graphs_compiled"] >= 1 and "rules_fired" in default
+    assert default["weight_bytes_source"] == "pipeline report"
+    assert eager["weight_bytes"] == inductor["weight_bytes"] == on_disk["weight_bytes"]
+    assert eager["weight_bytes_source"] == "parameters"
+    # every configuration keeps its own compiled callable: nothing recompiles while timing
+    assert all(e["recompiles_during_timing"] == 0 for e in on_disk["results"])
+
+
+def test_table(result):
+    out, _ = result
+    table = bench.format_table(out)
+    for label in ("eager", "inductor", "llmc:default", "memory bandwidth", "MBU",
+                  "weights MiB", "interleaved"):
+        assert label in table
+
+
+def test_cli_arguments():
+    parser = argparse.ArgumentParser()
+    bench.add_arguments(parser)
+    args = parser.parse_args([])
+    assert (args.model, args.prompt_len, args.new_tokens, args.dtype) == ("smollm2", 128, 32,
+                                                                         "float32")
+    assert args.baselines == ["eager", "inductor"] and args.recipes == ["default"]
+    args = parser.parse_args(["--model", "llama", "--recipes", "default", "x.toml",
+                              "--baselines", "eager", "--json", "o.json", "--threads", "1",
+                              "--dtype", "bfloat16", "--repeats", "3"])
+    assert args.recipes == ["default", "x.toml"] and args.baselines == ["eager"]
+    assert (args.json, args.threads, args.dtype, args.repeats) == ("o.json", 1, "bfloat16", 3)
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--baselines", "onnx"])
+    args = parser.parse_args(["--baselines", "torchao-int8", "torchao-int4"])
+    assert args.baselines == ["torchao-int8", "torchao-int4"]
+
+
+@pytest.mark.parametrize("kwargs", [dict(dtype="float16"), dict(new_tokens=1), dict(warmup=1),
+                                    dict(baselines=["tensorrt"]), dict(recipes=["no-such"])])
+def test_bad_arguments_fail_before_running(kwargs):
+    with pytest.raises(Exception):  # noqa: B017 - ValueError or RecipeError
+        bench.run_bench("llama", progress=False, **kwargs)
+
+
+def test_weight_bytes_counts_tied_weights_once_and_skips_an_untied_input_embedding():
+    tied = tiny_model("llama", tie_word_embeddings=True)
+    expected = sum(p.numel() for p in tied.parameters()) * 4  # parameters() dedups ties
+    assert bench.weight_bytes(tied) == expected
+    untied = tiny_model("llama", tie_word_embeddings=False)
+    emb = untied.get_input_embeddings().weight
+    all_params = sum(p.numel() for p in untied.parameters()) * 4
+    fp32 = bench.weight_bytes(untied)
+    assert fp32 == all_params - emb.numel() * 4  # decoding gathers rows, it reads the head
+    assert fp32 == expected  # same shapes: the LM head replaces the tied table
+    assert bench.weight_bytes(untied.to(torch.bfloat16)) == fp32 // 2  # .to() is in place
+
+
+class _FakeRunner:
+    def __init__(self, name, log):
+        self.name, self.log = name, log
+
+    def run(self):
+        self.log.append(self.name)
+        return 0.001, [0.002, 0.003], [1, 2, 3]
+
+
+def test_rounds_are_interleaved_and_rotated():
+    log: list[str] = []
+    configs = []
+    for name in ("a", "b", "c"):
+        c = bench.Config(name, "baseline")
+        c.runner, c.tokens, c.warm_times = _FakeRunner(name, log), [1, 2, 3], [1.0, 0.1]
+        configs.append(c)
+    bench._time_rounds(configs, 3, bar=type("Bar", (), {"update": lambda *a: None,
+                                                        "set_description": lambda *a: None})())
+    # one untimed round, then rounds rotated by one each
+    assert log == list("abc") + list("abc") + list("bca") + list("cab")
+    for c in configs:
+        assert len(c.prefills) == len(c.step_medians) == 3
+        assert c.entry["decode_ms_runs"] == pytest.approx([2.5] * 3)
+        bench._finish(c, warmup=2, prompt_len=8)
+        assert c.entry["decode_ms_per_token"] == pytest.approx(2.5)
+
+
+def test_missing_torchao_is_a_configuration_error(monkeypatch):
+    monkeypatch.setitem(sys.modules, "torchao", None)  # import torchao raises ImportError
+    out = bench.run_bench("llama", prompt_len=4, new_tokens=2, repeats=1,
+                          baselines=["eager", "torchao-int8"], recipes=[], bandwidth_mb=4,
+                          bandwidth_repeats=1, progress=False)
+    eager, tao = out["results"]
+    assert eager["error"] is None
+    assert "torchao" in tao["error"] and tao["prefill_ms"] is None and tao["mbu"] is None
+    assert "error" in bench.format_table(out)
+
+
+def test_torchao_baselines(tmp_path, monkeypatch):
+    pytest.importorskip("torchao")
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    out = bench.run_bench("llama", prompt_len=4, new_tokens=2, repeats=1,
+                          baselines=["torchao-int8", "torchao-int4"], recipes=[],
+                          bandwidth_mb=4, bandwidth_repeats=1, progress=False)
+    int8, int4 = out["results"]
+    assert int8["error"] is None, int8["error"]
+    assert out["torchao"] and int8["torchao"].startswith("torchao")
+    dense = out["weight_bytes"]
+    assert int8["weight_bytes"] < dense and int8["decode_tokens_per_s"] > 0
+    assert len(int8["tokens"]) == 2 and isinstance(int8["tokens_match"], bool)
+    if int4["error"] is None:  # torchao's int4 CPU path may be missing in some versions
+        assert int4["weight_bytes"] < int8["weight_bytes"]
+    else:
+        assert isinstance(int4["error"], str) and int4["error"]
