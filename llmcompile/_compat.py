@@ -37,6 +37,8 @@ __all__ = [
     "trace_aten",
     "cache_kwarg",
     "causal_lm_model_types",
+    "dynamo_counters",
+    "recompile_limit",
     "tokenizer_path",
 ]
 
@@ -122,3 +124,18 @@ def tokenizer_path(model: Any) -> str | None:
     owner = getattr(model, "__self__", model)  # a bound forward -> its module
     path = getattr(getattr(owner, "config", None), "_name_or_path", "") or ""
     return path if path and os.path.isdir(path) else None
+
+
+def dynamo_counters() -> tuple[int, int]:
+    """(unique graphs compiled, graph breaks) so far in this process (Dynamo's counters)."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"]), int(sum(counters["graph_break"].values()))
+
+
+@contextlib.contextmanager
+def recompile_limit(at_least: int):
+    """Let Dynamo keep at least ``at_least`` compiled versions of one code object."""
+    config = torch._dynamo.config
+    with config.patch(recompile_limit=max(config.recompile_limit, at_least)):
+        yield

@@ -73,6 +73,7 @@ from typing import Any
 
 import torch
 
+from .. import _compat
 from .bench_peers import Capture, Config, compile_config, graph_breaks, graph_count
 from .bench_runner import Runner, ensure_cache_dir, load
 from .bench_table import format_table
@@ -134,9 +135,8 @@ def run_bench(model: str = "smollm2", *, prompt_len: int = 128, new_tokens: int 
     n_configs = len(baselines) + len(recipes)
     # every configuration's copy adds cache entries (prefill, decode, ...) to the same code
     # objects; they must all fit, or Dynamo would fall back to eager for the later ones
-    limit = max(torch._dynamo.config.recompile_limit, 4 * n_configs + 8)
     try:
-        with torch._dynamo.config.patch(recompile_limit=limit):
+        with _compat.recompile_limit(4 * n_configs + 8):
             return _run(model, prompt_len, new_tokens, repeats, warmup, dtype, torch_dtype,
                         baselines, recipes, bandwidth_mb, bandwidth_repeats, fallback,
                         progress, seed, json_path, cache_dir)
@@ -174,7 +174,7 @@ def _run(model, prompt_len, new_tokens, repeats, warmup, dtype, torch_dtype, bas
     reference: list[int] | None = None
     bar = tqdm(total=len(configs) * (warmup + repeats + 1), unit="run", disable=not progress,
                file=sys.stderr, leave=False)
-    torch._dynamo.reset()  # once, before the first configuration compiles; never between them
+    torch.compiler.reset()  # once, before the first configuration compiles; never between them
     try:
         with torch.inference_mode():
             if "eager" not in baselines:  # reference greedy tokens, untimed
@@ -194,7 +194,7 @@ def _run(model, prompt_len, new_tokens, repeats, warmup, dtype, torch_dtype, bas
         bar.close()
         for c in configs:
             c.runner = c.net = None
-        torch._dynamo.reset()
+        torch.compiler.reset()
         gc.collect()
 
     entries = result["results"]

@@ -10,19 +10,16 @@ from typing import Any
 
 import torch
 
+from .. import _compat
 from .bench_runner import Runner
 
 
 def graph_count() -> int:
-    from torch._dynamo.utils import counters
-
-    return int(counters["stats"]["unique_graphs"])
+    return _compat.dynamo_counters()[0]
 
 
 def graph_breaks() -> int:
-    from torch._dynamo.utils import counters
-
-    return int(sum(counters["graph_break"].values()))
+    return _compat.dynamo_counters()[1]
 
 
 class LogCapture(logging.Handler):

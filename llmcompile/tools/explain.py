@@ -74,7 +74,7 @@ def explain(model: Any, recipe: Any = None, example_inputs: Any = None, prompt_l
         reports.append(compile_graph(gm, inputs, recipe, flags, lower=lower)[1])
         return gm.forward
 
-    torch._dynamo.reset()
+    torch.compiler.reset()
     compiled = torch.compile(module, backend=backend, fullgraph=True)
     kwargs = example_inputs if example_inputs is not None else _default_inputs(module, prompt_len)
     with torch.no_grad():
@@ -82,5 +82,5 @@ def explain(model: Any, recipe: Any = None, example_inputs: Any = None, prompt_l
             compiled(**kwargs)
         else:
             compiled(*kwargs)
-    torch._dynamo.reset()
+    torch.compiler.reset()
     return reports

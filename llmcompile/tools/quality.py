@@ -65,14 +65,14 @@ def run_quality(model: str = "smollm2", recipes: tuple[str, ...] = ("int8", "int
                                                              progress), "seconds": 0.0}]
     for name in recipes:
         recipe = dataclasses.replace(resolve_recipe(name), target=target)
-        torch._dynamo.reset()
+        torch.compiler.reset()
         start = time.perf_counter()
         compiled = torch.compile(base.forward, backend="llmcompile", dynamic=False,
                                  options={"recipe": recipe, "fallback": False,
                                           "tokenizer": str(smollm2_folder())})
         ppl = perplexity(compiled, ids, name, progress)
         rows.append({"config": name, "perplexity": ppl, "seconds": time.perf_counter() - start})
-    torch._dynamo.reset()
+    torch.compiler.reset()
     ref = rows[0]["perplexity"]
     for row in rows:
         row["change"] = row["perplexity"] / ref - 1.0

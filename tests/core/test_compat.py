@@ -44,3 +44,13 @@ def test_cache_keyword_follows_the_installed_transformers():
 def test_causal_lm_model_types_lists_the_auto_mapping():
     types = _compat.causal_lm_model_types()
     assert {"llama", "gpt2", "qwen2"} <= set(types) and types == sorted(types)
+
+
+def test_dynamo_counters_and_recompile_limit():
+    graphs, breaks = _compat.dynamo_counters()
+    torch.compile(lambda x: x + 1, backend="eager")(torch.randn(2))
+    assert _compat.dynamo_counters()[0] == graphs + 1 and _compat.dynamo_counters()[1] >= breaks
+    before = torch._dynamo.config.recompile_limit
+    with _compat.recompile_limit(before + 5):
+        assert torch._dynamo.config.recompile_limit == before + 5
+    assert torch._dynamo.config.recompile_limit == before
