@@ -74,6 +74,7 @@ from typing import Any
 import torch
 
 from .. import _compat
+from ..ops import cpu
 from .bench_peers import Capture, Config, compile_config, graph_breaks, graph_count
 from .bench_runner import Runner, ensure_cache_dir, load
 from .bench_table import format_table
@@ -164,6 +165,7 @@ def _run(model, prompt_len, new_tokens, repeats, warmup, dtype, torch_dtype, bas
         "threads": torch.get_num_threads(), "device": "cpu",
         "torch": torch.__version__, "transformers": transformers.__version__,
         "torchao": None, "python": platform.python_version(), "inductor_cache_dir": cache_dir,
+        "cpu": cpu.describe(),
         "parameters": sum(p.numel() for p in base.parameters()),
         "weight_bytes": dense_bytes, "memory_bandwidth": bandwidth,
         "mbu_definition": "weight_bytes * decode_tokens_per_s / (read_GBps * 1e9), "

@@ -20,6 +20,7 @@ def format_table(result: dict[str, Any]) -> str:
         f"{result['repeats']} timed rounds (order rotated), medians over rounds",
         f"memory bandwidth: read {bw['read_GBps']:.1f} GB/s, copy {bw['copy_GBps']:.1f} GB/s "
         f"(MBU uses read)",
+        f"cpu: {result.get('cpu', 'not recorded')}",
         "",
     ]
     header = (f"{'config':<16}{'compile s':>10}{'TTFT ms':>10}{'x eager':>8}"

@@ -42,6 +42,7 @@ def test_json_structure(result):
     assert on_disk["model"] == "llama" and on_disk["prompt_len"] == 8
     assert on_disk["weight_bytes"] > 0
     assert on_disk["method"].startswith("interleaved") and on_disk["repeats"] == 2
+    assert on_disk["cpu"].startswith("ATen ")  # the kernel ISA and CPU flags of the run
     bw = on_disk["memory_bandwidth"]
     assert bw["read_GBps"] > 0 and bw["copy_GBps"] > 0 and bw["bytes"] == 16 * 2**20
     names = [(r["kind"], r["name"]) for r in on_disk["results"]]
