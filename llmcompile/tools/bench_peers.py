@@ -36,11 +36,10 @@ def compile_config(name: str, kind: str, net: torch.nn.Module, fallback: bool) -
         return net.forward
     if kind == "baseline":
         return torch.compile(net.forward, backend="inductor", dynamic=False)
-    from .._compat import tokenizer_path as _tokenizer_path
-
     options = {"recipe": name, "fallback": fallback}
-    if _tokenizer_path(net):  # calibrated recipes tokenize their calibration text with it
-        options["tokenizer"] = _tokenizer_path(net)
+    tokenizer = _compat.tokenizer_path(net)
+    if tokenizer:  # calibrated recipes tokenize their calibration text with it
+        options["tokenizer"] = tokenizer
     return torch.compile(net.forward, backend="llmcompile", dynamic=False, options=options)
 
 

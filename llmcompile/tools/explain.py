@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from .. import _compat
 from ..core.pipeline import Report
 from ..registry import resolve_recipe
 
@@ -64,9 +65,7 @@ def explain(model: Any, recipe: Any = None, example_inputs: Any = None, prompt_l
     module = load_model(model)
     lower = recipe.target == "onnxruntime" if lower is None else lower
     if tokenizer is None:
-        from .._compat import tokenizer_path as _tokenizer_path
-
-        tokenizer = _tokenizer_path(module)
+        tokenizer = _compat.tokenizer_path(module)
     reports: list[Report] = []
 
     def backend(gm, inputs, **_):
