@@ -97,6 +97,7 @@ def _post_grad_rules(recipe: Recipe) -> RuleSet | None:
 
 
 def _publish(report: Report) -> None:
+    """Hand the report to the innermost :class:`collect_reports`, if any."""
     sink = _collector.get()
     if sink is not None:
         sink.append(report)
@@ -143,9 +144,7 @@ def llmcompile_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], *,
     compiled, report = compile_graph(gm, example_inputs, recipe, flags, mode)
     if flags["debug"]:
         log.warning("llmcompile pass report:\n%s", report.format())
-    sink = _collector.get()
-    if sink is not None:
-        sink.append(report)
+    _publish(report)
     if compiled is not None:
         return compiled
     _fallbacks.append(report)

@@ -95,14 +95,13 @@ def _common_source(program: Program, node: fx.Node) -> str:
             leaves.append(program.sources.get(n.name) or n.meta.get("llmc_source") or n.name)
         else:
             todo.extend(n.all_input_nodes)
-    parts = [leaf.split(".") for leaf in leaves]
+    if len(leaves) == 1:
+        return leaves[0]
     common = []
-    for column in zip(*parts):
+    for column in zip(*(leaf.split(".") for leaf in leaves)):
         if len(set(column)) != 1:
             break
         common.append(column[0])
-    if len(parts) == 1:
-        return leaves[0]
     return ".".join(common) or node.name
 
 

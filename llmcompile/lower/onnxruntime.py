@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import functools
 import hashlib
 import inspect
 import logging
@@ -307,7 +306,7 @@ def _host_outputs(program: Program) -> dict[int, Callable[[Sequence[Any]], Any]]
     keep = []
     for i, value in enumerate(outs):
         if isinstance(value, fx.Node) and program.is_weight(value):
-            host[i] = functools.partial(lambda tensor, args: tensor, program.weight(value))
+            host[i] = _returns(program.weight(value))
         elif isinstance(value, fx.Node) and isinstance(value.meta.get("val"), torch.Tensor):
             keep.append(value)
         else:
@@ -318,9 +317,14 @@ def _host_outputs(program: Program) -> dict[int, Callable[[Sequence[Any]], Any]]
     return host
 
 
+def _returns(value: Any) -> Callable[[Sequence[Any]], Any]:
+    """An evaluator of a value known at compile time (a constant tensor, a Python number)."""
+    return lambda args: value
+
+
 def _evaluator(value: Any, placeholders: list[fx.Node]) -> Callable[[Sequence[Any]], Any]:
     if not isinstance(value, fx.Node):
-        return lambda args: value
+        return _returns(value)
     order, todo = [], [value]
     while todo:  # the size-only subgraph computing the value
         node = todo.pop()
