@@ -28,6 +28,7 @@ from typing import Any
 
 import torch.fx as fx
 
+from .analysis.cost import CostObserver
 from .core.pipeline import Report, UserRules, run_pipeline
 from .core.program import capture_dynamo, mutated_inputs
 from .core.recipe import Recipe, RecipeError
@@ -115,7 +116,7 @@ def compile_graph(gm: fx.GraphModule, example_inputs: Sequence[Any], recipe: Rec
         program.context["tokenizer"] = flags.get("tokenizer")
         program.context["target"] = recipe.target
         stage = "pipeline"
-        report = run_pipeline(program, recipe)
+        report = run_pipeline(program, recipe, observe=CostObserver())
         placeholders = [n for n in program.graph.nodes if n.op == "placeholder"]
         written = mutated_inputs(program.graph)
         mutated = [i for i, n in enumerate(placeholders) if n in written]

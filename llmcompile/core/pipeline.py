@@ -12,9 +12,10 @@ import importlib
 import logging
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 
@@ -95,6 +96,8 @@ class PassRun:
     name: str
     stats: Stats
     seconds: float
+    #: what the pass changed in cost (``analysis.cost.CostDelta``), when an observer ran
+    cost: Any = None
 
 
 @dataclass
@@ -110,6 +113,9 @@ class Report:
     fallback: str | None = None
     #: where the fallback happened: "capture", "pipeline" or "lower"
     fallback_stage: str | None = None
+    #: the whole recipe's cost change (``analysis.cost.CostDelta``: ``.after`` is the final
+    #: graph's cost), when an observer ran
+    cost: Any = None
 
     def fired(self, rule: str) -> int:
         return sum(r.stats.fired(rule) for r in self.runs)
@@ -126,6 +132,8 @@ class Report:
         lines = [f"recipe {self.recipe!r}"]
         for run in self.runs:
             lines.append(f"  [{run.phase}] {run.name}  ({run.seconds * 1000:.0f} ms)")
+            if run.cost is not None:
+                lines.append(f"      cost: {run.cost}")
             for name, s in run.stats.rules.items():
                 if quiet and not s.fired and not s.near_misses:
                     continue
@@ -135,6 +143,8 @@ class Report:
                 if len(s.near_misses) > misses:
                     lines.append(f"          ... {len(s.near_misses) - misses} more near misses")
         lines.append(f"  [cleanup] {self.folded} weight subgraphs folded into constants")
+        if self.cost is not None:
+            lines.append(f"  cost of the recipe: {self.cost}")
         if self.fallback:
             lines.append(f"  FALLBACK ({self.fallback_stage}): this graph runs on plain Inductor "
                          f"without the recipe: {self.fallback}")
@@ -154,23 +164,34 @@ def _dump(program: Program, step: str, index: int) -> None:
         (Path(folder) / f"{index:02d}-{step}.txt").write_text(str(program.graph))
 
 
-def run_pipeline(program: Program, recipe: Recipe) -> Report:
-    """Run every phase of ``recipe`` on ``program`` in place; returns the report."""
+def run_pipeline(program: Program, recipe: Recipe,
+                 observe: Callable[[Program, str], Any] | None = None) -> Report:
+    """Run every phase of ``recipe`` on ``program`` in place; returns the report.
+
+    ``observe(program, step)`` (e.g. ``analysis.cost.CostObserver``) is called after
+    canonicalization, after each pass (its result goes to ``PassRun.cost``) and after cleanup
+    (``Report.cost``).
+    """
     report = Report(recipe.name)
     canonicalize(program.graph)
     _dump(program, "canonicalize", 0)
+    if observe is not None:
+        observe(program, "canonicalize")
     for i, config in enumerate(_ordered(recipe), start=1):
         start = time.perf_counter()
         stats = Stats()
         config.run(program, stats)
         report.folded += fold_weights(program)  # later phases see folded weights as weights
         report.runs.append(PassRun(config.phase, config.name, stats,
-                                   time.perf_counter() - start))
+                                   time.perf_counter() - start,
+                                   observe(program, config.name) if observe else None))
         _dump(program, f"{config.phase}-{config.name}", i)
     report.folded += fold_weights(program)
     eliminate_dead_code(program.graph)
     program.recompile()
     report.weight_bytes = _weight_bytes(program)
+    if observe is not None:
+        report.cost = observe(program, "cleanup")
     _dump(program, "cleanup", len(recipe.passes) + 1)
     return report
 

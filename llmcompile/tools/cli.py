@@ -1,4 +1,5 @@
-"""The ``llmcompile`` command line: explain, recipes, quality, bench, export, generate."""
+"""The ``llmcompile`` command line: explain, recipes, cost, machine, quality, bench, export,
+generate."""
 
 from __future__ import annotations
 
@@ -116,6 +117,18 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--threads", type=int, default=None)
     p.set_defaults(func=_generate)
+
+    from . import cost, machine
+
+    p = sub.add_parser("cost", help="closed-form FLOPs and bytes of prefill(s) and decode(p), "
+                       "predicted TTFT / TPOT / MBU, and what each pass changed")
+    cost.add_arguments(p)
+    p.set_defaults(func=cost.main)
+
+    p = sub.add_parser("machine", help="this machine's measured roofline (bandwidth, GEMM "
+                       "FLOP/s, matmul kernels, overhead), cached")
+    machine.add_arguments(p)
+    p.set_defaults(func=machine.main)
 
     from . import bench_onnx
 
