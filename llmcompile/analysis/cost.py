@@ -503,11 +503,30 @@ class CostDelta:
         counts.subtract(self.before.op_counts())
         return {op: n for op, n in sorted(counts.items()) if n}
 
+    def layers(self) -> dict[int | None, tuple[Any, Any]]:
+        """Weight bytes per decoder layer (None: outside the layers), before and after."""
+        out: dict[int | None, list] = {}
+        for i, graph in enumerate((self.before, self.after)):
+            for n in graph.nodes:
+                out.setdefault(n.layer, [0, 0])[i] += n.cost.weights
+        return {k: (v[0], v[1]) for k, v in out.items()}
+
+    def _layer_weights(self) -> list[str]:
+        """``per layer 17.0 MiB -> 5.3 MiB (layers 0-29)``: layers grouped by equal change."""
+        groups: dict[tuple, list[int]] = {}
+        for layer, (old, new) in sorted(self.layers().items(), key=lambda kv: (
+                kv[0] is None, kv[0] or 0)):
+            if layer is not None and sympy.simplify(old - new) != 0:
+                groups.setdefault((old, new), []).append(layer)
+        return [f"per layer {_amount(old)} -> {_amount(new)} (layers "
+                f"{_spans(layers)})" for (old, new), layers in groups.items()]
+
     def __str__(self) -> str:
         a, b = self.after.total(), self.before.total()
         parts = []
         if sympy.simplify(a.weights - b.weights) != 0:
             parts.append(f"weight bytes {_amount(b.weights)} -> {_amount(a.weights)}")
+            parts += self._layer_weights()
         for name in ("kv", "activations", "flops"):
             diff = sympy.expand(getattr(a, name) - getattr(b, name))
             if diff != 0:
@@ -519,6 +538,17 @@ class CostDelta:
         if self.after.partial:
             parts.append(f"unknown ops {dict(self.after.unknown)}")
         return "; ".join(parts) or "no change"
+
+
+def _spans(numbers: list[int]) -> str:
+    """[0, 1, 2, 5] -> '0-2, 5'."""
+    spans: list[list[int]] = []
+    for n in numbers:
+        if spans and n == spans[-1][1] + 1:
+            spans[-1][1] = n
+        else:
+            spans.append([n, n])
+    return ", ".join(f"{a}-{b}" if a != b else str(a) for a, b in spans)
 
 
 def _positive(value: Any) -> bool:

@@ -75,7 +75,15 @@ import torch
 
 from .. import _compat
 from ..ops import cpu
-from .bench_peers import Capture, Config, compile_config, graph_breaks, graph_count
+from .bench_peers import (
+    Capture,
+    Config,
+    compile_config,
+    graph_breaks,
+    graph_costs,
+    graph_count,
+    predictions,
+)
 from .bench_runner import Runner, ensure_cache_dir, load
 from .bench_table import format_table
 from .measure import measure_bandwidth, torchao_quantize, weight_bytes
@@ -99,14 +107,15 @@ def run_bench(model: str = "smollm2", *, prompt_len: int = 128, new_tokens: int 
               baselines: Sequence[str] = DEFAULT_BASELINES, recipes: Sequence[str] = ("default",),
               threads: int | None = None, bandwidth_mb: int = 256, bandwidth_repeats: int = 5,
               fallback: bool = True, progress: bool = True, seed: int = 0,
-              json_path: str | Path | None = None) -> dict[str, Any]:
+              json_path: str | Path | None = None, predict: bool = True) -> dict[str, Any]:
     """Benchmark baselines and llmcompile recipes on one model, interleaved; returns a dict.
 
     ``model`` is ``"smollm2"`` or a tiny architecture name (see :mod:`llmcompile.tools.models`);
     ``baselines`` are names from :data:`BASELINES`; ``recipes`` are preset names or .toml
     paths given to ``backend="llmcompile"``; ``repeats`` is the number of timed rounds. The
     result (also written to ``json_path`` if given) holds the run's settings, ``method``,
-    ``memory_bandwidth``, ``weight_bytes`` (the unquantized model's) and one entry per
+    ``memory_bandwidth``, ``weight_bytes`` (the unquantized model's), ``machine`` (the
+    roofline profile predictions used; with ``predict``) and one entry per
     configuration in ``results``, with ``prefill_ms``, ``decode_ms_per_token``,
     ``decode_tokens_per_s``, ``compile_s``, ``weight_bytes``, ``mbu``, ``tokens`` and
     ``tokens_match`` (greedy tokens equal eager's), ``recompiles_during_timing`` and ``error``
@@ -140,14 +149,14 @@ def run_bench(model: str = "smollm2", *, prompt_len: int = 128, new_tokens: int 
         with _compat.recompile_limit(4 * n_configs + 8):
             return _run(model, prompt_len, new_tokens, repeats, warmup, dtype, torch_dtype,
                         baselines, recipes, bandwidth_mb, bandwidth_repeats, fallback,
-                        progress, seed, json_path, cache_dir)
+                        progress, seed, json_path, cache_dir, predict)
     finally:
         torch.set_num_threads(old_threads)
 
 
 def _run(model, prompt_len, new_tokens, repeats, warmup, dtype, torch_dtype, baselines,
          recipes, bandwidth_mb, bandwidth_repeats, fallback, progress, seed, json_path,
-         cache_dir) -> dict[str, Any]:
+         cache_dir, predict) -> dict[str, Any]:
     import transformers
     from tqdm.auto import tqdm
 
@@ -213,6 +222,8 @@ def _run(model, prompt_len, new_tokens, repeats, warmup, dtype, torch_dtype, bas
         r["prefill_speedup"] = eager.entry["prefill_ms"] / r["prefill_ms"] if ok else None
         r["decode_speedup"] = (r["decode_tokens_per_s"] / eager.entry["decode_tokens_per_s"]
                                if ok else None)
+    if predict:
+        result["machine"] = predictions(configs, progress)
     if tokenizer is not None and reference is not None:
         result["sample_text"] = tokenizer.decode(reference)
     if json_path:
@@ -250,12 +261,15 @@ def _build(c: Config, base, prompt, new_tokens, torch_dtype, warmup, fallback,
                         fired[rule] = fired.get(rule, 0) + n
             entry["pipeline_graphs"] = len(reports)
             entry["rules_fired"] = fired
-            wb = max((getattr(rep, "weight_bytes", 0) or 0 for rep in reports), default=0)
-            if wb:
-                entry["weight_bytes"], entry["weight_bytes_source"] = wb, "pipeline report"
-            else:
-                entry["weight_bytes"] = dense_bytes
-                entry["weight_bytes_source"] = "parameters (no pipeline report)"
+            c.costs = [rep.cost.after for rep in reports if rep.cost is not None]
+        elif c.name == "inductor":
+            c.costs = graph_costs(base, prompt, new_tokens, torch_dtype)
+        if c.costs:  # one source of truth: the cost model's decode graph (compiled last)
+            entry["weight_bytes"] = int(c.costs[-1].total().numbers({})["weights"])
+            entry["weight_bytes_source"] = "cost model (decode graph)"
+        elif c.kind == "recipe":
+            entry["weight_bytes"] = dense_bytes
+            entry["weight_bytes_source"] = "parameters (no pipeline report)"
         else:
             entry["weight_bytes"] = weight_bytes(c.net)
             entry["weight_bytes_source"] = "parameters"
@@ -356,6 +370,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="a graph llmcompile cannot handle is an error instead of plain "
                              "Inductor")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--no-predict", action="store_true",
+                        help="skip the cost model's predicted times (they need this "
+                             "machine's profile: `llmcompile machine`, measured if missing)")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -364,7 +381,8 @@ def main(args: argparse.Namespace) -> int:
                        repeats=args.repeats, warmup=args.warmup, dtype=args.dtype,
                        baselines=args.baselines, recipes=args.recipes, threads=args.threads,
                        bandwidth_mb=args.bandwidth_mb, fallback=not args.no_fallback,
-                       progress=not args.no_progress, json_path=args.json)
+                       progress=not args.no_progress, json_path=args.json,
+                       predict=not args.no_predict)
     print(format_table(result))
     if args.json:
         print(f"\nwrote {args.json}")

@@ -4,6 +4,7 @@ while it is (graphs, graph breaks, warnings)."""
 
 from __future__ import annotations
 
+import copy
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -52,6 +53,8 @@ class Config:
         self.runner: Runner | None = None
         self.net: torch.nn.Module | None = None
         self.warm_times: list[float] = []
+        #: cost-model costs of the compiled graphs, prefill first, decode last
+        self.costs: list = []
         self.tokens: list[int] | None = None
         self.prefills: list[float] = []
         self.step_medians: list[float] = []
@@ -63,7 +66,8 @@ class Config:
             "prefill_ms": None, "prefill_tokens_per_s": None, "decode_ms_per_token": None,
             "decode_tokens_per_s": None, "prefill_ms_runs": [], "decode_ms_runs": [],
             "graphs_compiled": 0, "graph_breaks": 0, "recompiles_during_timing": 0,
-            "tokens": None, "warnings": [],
+            "tokens": None, "warnings": [], "predicted_prefill_ms": None,
+            "predicted_decode_ms": None, "predicted_tokens_per_s": None, "prediction": None,
         }
 
     def fail(self, e: BaseException) -> None:
@@ -89,3 +93,67 @@ class Capture:
         known = set(self.entry["warnings"])
         self.entry["warnings"].extend(m for m in dict.fromkeys(self.handler.messages)
                                       if m not in known)
+
+
+def graph_costs(net: torch.nn.Module, prompt: torch.Tensor, new_tokens: int,
+                dtype: torch.dtype) -> list:
+    """Cost-model costs of the graphs plain Inductor compiles for ``net`` (prefill, decode):
+    captured by a recording backend, canonicalized, no passes, not compiled."""
+    from ..backend import compile_graph, parse_options
+    from ..core.recipe import Recipe
+
+    recipe, flags = parse_options({"recipe": Recipe(name="plain inductor")})
+    reports = []
+
+    def record(gm, inputs, **_):
+        reports.append(compile_graph(gm, inputs, recipe, flags, lower=False)[1])
+        return gm.forward
+
+    forward = torch.compile(copy.deepcopy(net).forward, backend=record, dynamic=False)
+    Runner(forward, net, prompt, min(new_tokens, 2), dtype).run()
+    return [r.cost.after for r in reports if r.cost is not None]
+
+
+_NO_PREDICTION = {
+    "eager": "eager runs op by op; its per-op dispatch overhead is not in the machine profile",
+    "torchao-int8": "torchao's weights are tensor subclasses the cost model does not see",
+    "torchao-int4": "torchao's weights are tensor subclasses the cost model does not see",
+}
+
+
+def predictions(configs: list[Config], progress: bool) -> dict[str, Any]:
+    """Predicted TTFT and TPOT of every configuration with costs (this machine's profile),
+    with which term of the model a miss of more than 25% points to."""
+    from ..analysis.roofline import predict
+    from .machine import load_machine
+
+    machine = load_machine(progress=print if progress else (lambda s: None))
+    for c in configs:
+        entry = c.entry
+        if not c.costs or entry["error"]:
+            entry["prediction"] = _NO_PREDICTION.get(c.name, "no cost report")
+            continue
+        prefill, decode = predict(c.costs[0], {}, machine), predict(c.costs[-1], {}, machine)
+        entry["predicted_prefill_ms"] = prefill.seconds * 1e3
+        entry["predicted_decode_ms"] = decode.seconds * 1e3
+        entry["predicted_tokens_per_s"] = 1 / decode.seconds
+        entry["prediction"] = _explain_miss(decode, entry["decode_ms_per_token"])
+    return machine.to_dict()
+
+
+def _explain_miss(p, measured_ms: float | None) -> str:
+    """The terms of a decode prediction, and which one a miss points to."""
+    terms = {"memory": p.memory_s * 1e3, "compute": p.compute_s * 1e3,
+             "overhead": p.overhead_s * 1e3}
+    text = (f"memory {terms['memory']:.2f} ms + compute {terms['compute']:.2f} ms + overhead "
+            f"{terms['overhead']:.2f} ms ({p.launches} kernels)")
+    if not measured_ms:
+        return text
+    error = p.seconds * 1e3 / measured_ms - 1
+    text += f"; predicted {error:+.0%} vs measured"
+    if abs(error) > 0.25:
+        gap = measured_ms - p.seconds * 1e3
+        term = max(("memory", "overhead"), key=terms.get)
+        text += (f"; MISS: the {term} term would have to be "
+                 f"{(terms[term] + gap) / terms[term]:.2f}x what the profile says")
+    return text

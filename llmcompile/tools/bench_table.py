@@ -40,7 +40,33 @@ def format_table(result: dict[str, Any]) -> str:
             f"{fmt(r['prefill_speedup'], '.2f'):>8}{fmt(r['decode_ms_per_token'], '.2f'):>10}"
             f"{fmt(r['decode_tokens_per_s'], '.1f'):>9}{fmt(r['decode_speedup'], '.2f'):>8}"
             f"{fmt(mib, '.1f'):>12}{fmt(mbu, '.1f') + '%':>7}{r['graphs_compiled']:>7}{match:>7}")
+    lines += _predicted(result)
     notes = [f"  {r['name']}: {w}" for r in result["results"] for w in r["warnings"]]
     if notes:
         lines += ["", "warnings:"] + notes
     return "\n".join(lines)
+
+
+def _predicted(result: dict[str, Any]) -> list[str]:
+    """Predicted (cost model + this machine's roofline) beside measured."""
+    machine = result.get("machine")
+    if not machine:
+        return []
+    lines = ["", f"predicted by the cost model (`llmcompile machine`: read "
+             f"{machine['read_bps'] / 1e9:.1f} GB/s, GEMM {machine['gemm_flops'] / 1e9:.0f} "
+             f"GFLOP/s, {machine['launch_s'] * 1e6:.1f} us/kernel + {machine['call_s'] * 1e6:.0f}"
+             f" us/call):",
+             f"{'config':<16}{'TTFT ms':>10}{'measured':>10}{'TPOT ms':>10}{'measured':>10}"
+             f"{'tok/s':>8}{'measured':>10}  terms"]
+    for r in result["results"]:
+        label = r["name"] if r["kind"] == "baseline" else f"llmc:{r['name']}"
+        if r["predicted_decode_ms"] is None:
+            lines.append(f"{label:<16}  no prediction: {r['prediction']}")
+            continue
+        lines.append(
+            f"{label:<16}{fmt(r['predicted_prefill_ms'], '.2f'):>10}"
+            f"{fmt(r['prefill_ms'], '.2f'):>10}{fmt(r['predicted_decode_ms'], '.2f'):>10}"
+            f"{fmt(r['decode_ms_per_token'], '.2f'):>10}"
+            f"{fmt(r['predicted_tokens_per_s'], '.1f'):>8}"
+            f"{fmt(r['decode_tokens_per_s'], '.1f'):>10}  {r['prediction']}")
+    return lines
