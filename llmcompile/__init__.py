@@ -7,6 +7,7 @@ Public API (everything else may move):
   compile, explain          -- compile a model / callable, or report what the rules would do
   export                    -- write an ONNX file (KV-cache I/O, contrib ops) for deployment
   OnnxCausalLM              -- run such a file (greedy generation) with onnxruntime
+  SinkCache                 -- a bounded KV cache (attention sinks + sliding window) for generate
   Recipe, RecipeError, load_recipe, presets
   Rule, RuleSet, Reject, Match, UserRules   -- write your own rules
   ops                       -- the fused ops rules introduce (torch.ops.llmcompile.*)
@@ -29,7 +30,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Match", "PassConfig", "Recipe", "RecipeError", "Reject", "Report", "Rule", "RuleSet",
-    "OnnxCausalLM", "UserRules", "compile", "explain", "export", "load_recipe", "ops",
+    "OnnxCausalLM", "SinkCache", "UserRules", "compile", "explain", "export", "load_recipe", "ops",
     "presets",
 ]
 
@@ -81,4 +82,8 @@ def __getattr__(name: str):
         from .deploy.runner import OnnxCausalLM
 
         return OnnxCausalLM
+    if name == "SinkCache":  # loads transformers: only when asked for
+        from .deploy.sink_cache import SinkCache
+
+        return SinkCache
     raise AttributeError(f"module 'llmcompile' has no attribute {name!r}")
