@@ -5,6 +5,7 @@
 
 Public API (everything else may move):
   compile, explain          -- compile a model / callable, or report what the rules would do
+  cost                      -- closed-form FLOPs / bytes of prefill and decode, predicted speed
   export                    -- write an ONNX file (KV-cache I/O, contrib ops) for deployment
   OnnxCausalLM              -- run such a file (greedy generation) with onnxruntime
   SinkCache                 -- a bounded KV cache (attention sinks + sliding window) for generate
@@ -30,8 +31,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Match", "PassConfig", "Recipe", "RecipeError", "Reject", "Report", "Rule", "RuleSet",
-    "OnnxCausalLM", "SinkCache", "UserRules", "compile", "explain", "export", "load_recipe", "ops",
-    "presets",
+    "OnnxCausalLM", "SinkCache", "UserRules", "compile", "cost", "explain", "export",
+    "load_recipe", "ops", "presets",
 ]
 
 
@@ -64,6 +65,15 @@ def export(model: Any, path: Any, recipe: Any = None, **kwargs: Any):
     from .tools.explain import load_model
 
     return _export(load_model(model), path, load_recipe(recipe), **kwargs)
+
+
+def cost(model: Any, recipe: Any = None, **kwargs: Any):
+    """The cost of ``model`` under ``recipe``: FLOPs, weight / KV / activation bytes of
+    prefill(s) and decode(p) as sympy formulas, predicted TTFT / TPOT / MBU on this machine,
+    and what each pass changed; see :func:`llmcompile.tools.cost.cost`."""
+    from .tools.cost import cost as _cost
+
+    return _cost(model, recipe, **kwargs)
 
 
 def explain(model: Any, recipe: Any = None, example_inputs: Any = None) -> list[Report]:

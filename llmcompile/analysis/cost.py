@@ -239,6 +239,8 @@ def attention_pairs(s, t, causal: bool = True, window: int = 0, sinks: int = 0,
     ``a = t - s`` past keys; a window of ``w`` keys plus ``n`` sinks caps each query's keys at
     ``w + n``. Block-sparse: each query block sees ``local_blocks`` blocks back plus every
     ``vertical_stride``-th block before them (counted per block, causal)."""
+    s, t = sympy.sympify(s), sympy.sympify(t)  # exact rationals, never floats
+    window, sinks = sympy.Integer(window), sympy.Integer(sinks)
     if block:
         return _block_sparse_pairs(s, t, block, local_blocks, vertical_stride)
     if not causal and not window:

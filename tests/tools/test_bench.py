@@ -9,7 +9,8 @@ import sys
 import pytest
 import torch
 
-from llmcompile.tools import bench
+from llmcompile.analysis.roofline import Machine
+from llmcompile.tools import bench, machine
 from llmcompile.tools.models import tiny_model
 
 RESULT_FIELDS = ("model", "dtype", "prompt_len", "new_tokens", "repeats", "warmup", "threads",
@@ -21,11 +22,25 @@ ENTRY_FIELDS = ("name", "kind", "error", "compile_s", "first_run_s", "prefill_ms
                 "prefill_speedup", "decode_speedup", "warnings")
 
 
+PROFILE = Machine(read_bps=2e10, gemm_flops=1e11, weight_bps={"float32": 1.5e10, "int8": 1e10,
+                                                               "int4": 7e9},
+                  launch_s=8e-6, call_s=2.5e-4, description="a test profile")
+
+
+def write_profile() -> None:
+    """A cached machine profile, so the bench does not measure this machine in a test."""
+    path = machine.cache_path()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(PROFILE.to_dict()))
+
+
 @pytest.fixture(scope="module")
 def result(tmp_path_factory):
     folder = tmp_path_factory.mktemp("bench")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("TORCHINDUCTOR_CACHE_DIR", str(folder / "inductor"))
+        mp.setenv("LLMCOMPILE_CACHE_DIR", str(folder / "llmcompile"))
+        write_profile()
         out = bench.run_bench("llama", prompt_len=8, new_tokens=4, repeats=2,
                               baselines=["eager", "inductor"], recipes=["default"],
                               bandwidth_mb=16, bandwidth_repeats=2, progress=False,
@@ -71,9 +86,13 @@ def test_entries(result):
     assert inductor["graphs_compiled"] >= 2  # prefill and decode are two specializations
     assert eager["compile_s"] == 0
     assert default["graphs_compiled"] >= 1 and "rules_fired" in default
-    assert default["weight_bytes_source"] == "pipeline report"
-    assert eager["weight_bytes"] == inductor["weight_bytes"] == on_disk["weight_bytes"]
+    assert default["weight_bytes_source"] == inductor["weight_bytes_source"] == (
+        "cost model (decode graph)")
+    assert eager["weight_bytes"] == on_disk["weight_bytes"]
     assert eager["weight_bytes_source"] == "parameters"
+    # the decode graph also reads one embedding row (hidden 64) and the rotary inv_freq (8)
+    assert inductor["weight_bytes"] == default["weight_bytes"] == (
+        eager["weight_bytes"] + 64 * 4 + 8 * 4)
     # every configuration keeps its own compiled callable: nothing recompiles while timing
     assert all(e["recompiles_during_timing"] == 0 for e in on_disk["results"])
 
@@ -178,3 +197,18 @@ def test_torchao_baselines(tmp_path, monkeypatch):
         assert int4["weight_bytes"] < int8["weight_bytes"]
     else:
         assert isinstance(int4["error"], str) and int4["error"]
+
+
+def test_predicted_beside_measured(result):
+    out, on_disk = result
+    assert on_disk["machine"] == PROFILE.to_dict()
+    by_name = {r["name"]: r for r in out["results"]}
+    for name in ("inductor", "default"):
+        r = by_name[name]
+        assert r["weight_bytes_source"] == "cost model (decode graph)"
+        assert r["predicted_decode_ms"] > PROFILE.call_s * 1e3  # at least the call overhead
+        assert r["predicted_tokens_per_s"] == pytest.approx(1e3 / r["predicted_decode_ms"])
+        assert "overhead" in r["prediction"] and "vs measured" in r["prediction"]
+    assert by_name["eager"]["predicted_decode_ms"] is None
+    assert "dispatch" in by_name["eager"]["prediction"]
+    assert "predicted by the cost model" in bench.format_table(out)
