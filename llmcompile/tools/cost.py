@@ -213,7 +213,7 @@ def _bench_points(path: Path, recipe: str) -> list[dict[str, Any]]:
     runs = data if isinstance(data, list) else [data]
     out = []
     for run in runs:
-        for entry in run.get("configs", []):
+        for entry in run.get("results", []):
             if entry.get("name") == recipe and entry.get("decode_tokens_per_s"):
                 out.append({"prompt_len": run["prompt_len"], "prefill_ms": entry["prefill_ms"],
                             "decode_tokens_per_s": entry["decode_tokens_per_s"]})

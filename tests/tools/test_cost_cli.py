@@ -86,3 +86,26 @@ def test_measure_machine(tmp_path, monkeypatch):
     assert found.read_bps > 1e9 and found.gemm_flops > 1e9
     assert set(found.weight_bps) == {"float32", "int8", "int4"}
     assert found.launch_s >= 0 and found.call_s >= 0
+
+
+def test_bench_points_for_the_plot(tmp_path):
+    from llmcompile.tools.cost import _bench_points
+
+    bench = {"prompt_len": 128, "results": [
+        {"name": "int8", "prefill_ms": 50.0, "decode_tokens_per_s": 30.0},
+        {"name": "inductor", "prefill_ms": 60.0, "decode_tokens_per_s": 10.0},
+        {"name": "int4", "prefill_ms": None, "decode_tokens_per_s": None}]}
+    path = tmp_path / "bench.json"
+    path.write_text(json.dumps(bench))
+    assert _bench_points(path, "int8") == [
+        {"prompt_len": 128, "prefill_ms": 50.0, "decode_tokens_per_s": 30.0}]
+    assert _bench_points(path, "int4") == []
+
+
+def test_plot(tmp_path):
+    pytest.importorskip("matplotlib")
+    from llmcompile.tools.cost import plot
+
+    report = cost("llama", "default", machine=PROFILE)
+    plot(report, tmp_path / "cost.png")
+    assert (tmp_path / "cost.png").stat().st_size > 0
