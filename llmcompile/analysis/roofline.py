@@ -1,8 +1,9 @@
 """From cost to time: a roofline of one machine, plus a per-kernel overhead.
 
 Each node takes ``max(flops / peak, bytes / bandwidth)``; weights streamed by a matmul go at
-the rate its kernel was measured to reach (a float GEMV, an int8 or int4 packed kernel: on a
-CPU these are not all bandwidth-bound), everything else at the machine's read bandwidth. A
+the rate its kernel was measured to reach, after a fixed latency per call (a float GEMV, an
+int8 or int4 packed kernel: on a CPU these are not all bandwidth-bound, and small matrices
+pay the latency), everything else at the machine's read bandwidth. A
 step adds ``launches × launch_s + call_s``: the time a compiled call spends outside kernels
 (wrapper, guards, kernel launches), fitted once from measured decode steps of small models
 whose kernels take no time to speak of.
@@ -27,15 +28,18 @@ class Machine:
     read_bps: float
     #: float32 FLOP/s of a large GEMM
     gemm_flops: float
-    #: bytes/s of weights a matmul kind streams in one-token decode (float32, int8, int4)
+    #: bytes/s of weights a matmul kind streams in one-token decode (float32, int8, int4) ...
     weight_bps: Mapping[str, float] = field(default_factory=dict)
+    #: ... after a fixed latency per call (seconds): ``t = latency + bytes / rate``
+    matmul_latency_s: Mapping[str, float] = field(default_factory=dict)
     #: seconds per kernel launch and per compiled call outside kernels
     launch_s: float = 0.0
     call_s: float = 0.0
     description: str = ""
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self) | {"weight_bps": dict(self.weight_bps)}
+        return asdict(self) | {"weight_bps": dict(self.weight_bps),
+                               "matmul_latency_s": dict(self.matmul_latency_s)}
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Machine:
@@ -68,10 +72,12 @@ def _weight_kind(node: NodeCost) -> str:
 def _node_seconds(node: NodeCost, values: Mapping, machine: Machine) -> tuple[float, bool]:
     """(seconds, compute-bound) of one node at concrete sizes."""
     c = node.cost.numbers(values)
-    rate = machine.read_bps
+    rate, latency = machine.read_bps, 0.0
     if node.kind in ("matmul", "packed"):
-        rate = machine.weight_bps.get(_weight_kind(node), machine.read_bps)
-    memory = c["weights"] / rate + (c["kv"] + c["activations"]) / machine.read_bps
+        kind = _weight_kind(node)
+        rate = machine.weight_bps.get(kind, machine.read_bps)
+        latency = machine.matmul_latency_s.get(kind, 0.0)
+    memory = latency + c["weights"] / rate + (c["kv"] + c["activations"]) / machine.read_bps
     compute = c["flops"] / machine.gemm_flops
     return max(memory, compute), compute > memory
 

@@ -4,9 +4,10 @@ What is measured (about half a minute, most of it compiling two small models):
 
 * read bandwidth: ``x.sum()`` over a 256 MiB float32 tensor (:func:`measure_bandwidth`);
 * sustained float32 GEMM FLOP/s: ``a @ b`` with 1024 x 1024 matrices;
-* weight streaming rate of each one-token matmul kind: a float32 ``F.linear`` and the int8 /
-  int4 packed kernels the ``quantize_weights`` pass emits (activations in the dtype it
-  chooses for this CPU), each over 64 MiB or more of weights, so caches do not help;
+* per one-token matmul kind (a float32 ``F.linear`` and the int8 / int4 packed kernels the
+  ``quantize_weights`` pass emits, activations in the dtype it chooses for this CPU): the
+  rate at which it streams weights and its latency per call, fitted as
+  ``t = latency + bytes / rate`` over matrices of 0.5 to 64 MiB (float32 sizes);
 * overhead outside kernels: decode steps of a tiny llama with 1 and 8 layers compiled by
   llmcompile (``default`` recipe), whose kernels take next to no time; the two steps fit
   ``call_s + launches x launch_s`` (launches counted by the cost model).
@@ -37,8 +38,6 @@ from .measure import measure_bandwidth
 
 __all__ = ["add_arguments", "cache_path", "load_machine", "main", "measure_machine"]
 
-_WEIGHT_MIB = 64
-
 
 def cache_path() -> Path:
     """Where this machine's profile is cached (one file per CPU, threads and torch)."""
@@ -58,12 +57,12 @@ def _cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def _median_seconds(fn: Callable[[], object], repeats: int) -> float:
-    fn()  # first touch and lazy initialisation are not timed
+def _median_seconds(fn: Callable[..., object], repeats: int, *args) -> float:
+    fn(*args)  # first touch and lazy initialisation are not timed
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
-        fn()
+        fn(*args)
         times.append(time.perf_counter() - start)
     return statistics.median(times)
 
@@ -71,34 +70,62 @@ def _median_seconds(fn: Callable[[], object], repeats: int) -> float:
 def _gemm_flops(n: int = 1024, repeats: int = 5) -> float:
     a, b = torch.randn(n, n), torch.randn(n, n)
     with torch.inference_mode():
-        return 2 * n**3 / _median_seconds(lambda: a @ b, repeats)
+        return 2 * n**3 / _median_seconds(torch.matmul, repeats, a, b)
 
 
-def _weight_rates(repeats: int = 7) -> dict[str, float]:
-    """Bytes of weights per second of a one-token matmul, per kind."""
+_WIDTHS = (128, 512, 2048, 8192, 16384)  # output rows; K = 1024: 0.5 ... 64 MiB of float32
+_POOL_BYTES = 256 * 2**20  # more than any last-level cache: every call reads from memory
+
+
+def _weight_rates(repeats: int = 5) -> tuple[dict[str, float], dict[str, float]]:
+    """Per matmul kind, ``(bytes/s, latency s)`` of a one-token matmul: the least-squares fit
+    of ``t = latency + bytes / rate`` over weights of 0.5 to 64 MiB (float32 sizes). Each
+    size cycles through copies of its weights that together exceed the caches, as a model's
+    layers do, so no call finds its weights cached."""
     from .. import ops
     from ..quant.formats import quantize_int4, quantize_int8
 
-    k = 2048
-    n = _WEIGHT_MIB * 2**20 // (4 * k)  # float32: 64 MiB; int8 and int4 get wider
-    act = cpu.packed_activation_dtype()
-    rates: dict[str, float] = {}
+    k, act = 1024, cpu.packed_activation_dtype()
+    x = torch.randn(1, k)
+    points: dict[str, list[tuple[int, float]]] = {"float32": [], "int8": [], "int4": []}
     with torch.inference_mode():
-        w = torch.randn(n, k)
-        x = torch.randn(1, k)
-        rates["float32"] = w.numel() * 4 / _median_seconds(lambda: F.linear(x, w), repeats)
-        w8 = torch.randn(4 * n, k)
-        q, scale = quantize_int8(w8)
-        scale = scale.to(act)
-        rates["int8"] = (q.numel() + scale.numel() * scale.element_size()) / _median_seconds(
-            lambda: ops.int8_linear(x, q, scale), repeats)
-        del w8
-        w4 = quantize_int4(torch.randn(8 * n, k), 64)
-        packed, sz = w4.pack_cpu(act)
-        nbytes = packed.numel() * packed.element_size() + sz.numel() * sz.element_size()
-        rates["int4"] = nbytes / _median_seconds(lambda: ops.int4_linear(x, packed, sz, 64),
-                                                 repeats)
-    return rates
+        for n in _WIDTHS:
+            w = torch.randn(n, k)
+            q, scale = quantize_int8(w)
+            packed, sz = quantize_int4(w, 64).pack_cpu(act)
+            cases = {"float32": (F.linear, (w,)), "int8": (ops.int8_linear, (q, scale.to(act))),
+                     "int4": (ops.int4_linear, (packed, sz, 64))}
+            for kind, (fn, weights) in cases.items():
+                nbytes = _nbytes(*(t for t in weights if isinstance(t, torch.Tensor)))
+                points[kind].append((nbytes, _stream_seconds(fn, x, weights, nbytes, repeats)))
+    fits = {kind: _fit(p) for kind, p in points.items()}
+    return {k: v[0] for k, v in fits.items()}, {k: v[1] for k, v in fits.items()}
+
+
+def _stream_seconds(fn: Callable, x: torch.Tensor, weights: tuple, nbytes: int,
+                    repeats: int) -> float:
+    """Seconds per call of ``fn(x, *weights)`` over a pool of copies of ``weights``."""
+    copies = max(2, _POOL_BYTES // nbytes)
+    pool = [tuple(t.clone() if isinstance(t, torch.Tensor) else t for t in weights)
+            for _ in range(copies)]
+
+    def sweep() -> None:
+        for args in pool:
+            fn(x, *args)
+
+    return _median_seconds(sweep, repeats) / copies
+
+
+def _nbytes(*tensors: torch.Tensor) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def _fit(points: list[tuple[int, float]]) -> tuple[float, float]:
+    """``(rate, latency)`` of ``t = latency + bytes / rate`` by least squares."""
+    xs, ts = [float(b) for b, _ in points], [t for _, t in points]
+    mx, mt = statistics.fmean(xs), statistics.fmean(ts)
+    slope = sum((x - mx) * (t - mt) for x, t in zip(xs, ts)) / sum((x - mx) ** 2 for x in xs)
+    return 1 / slope, max(mt - slope * mx, 0.0)
 
 
 def _decode_step(layers: int, progress: Callable[[str], None]) -> tuple[float, object]:
@@ -143,13 +170,13 @@ def measure_machine(progress: Callable[[str], None] = print) -> Machine:
     progress("measuring float32 GEMM throughput")
     flops = _gemm_flops()
     progress("measuring one-token matmul kernels (float32, int8, int4)")
-    rates = _weight_rates()
-    base = Machine(bandwidth, flops, rates)
+    rates, latency = _weight_rates()
+    base = Machine(bandwidth, flops, rates, latency)
     progress("fitting the per-call and per-kernel overhead from two tiny models")
     call_s, launch_s = _fit_overhead(base, progress)
     description = (f"{_cpu_name()}, {cpu.describe()}, {torch.get_num_threads()} threads, "
                    f"torch {torch.__version__}")
-    return Machine(bandwidth, flops, rates, launch_s, call_s, description)
+    return Machine(bandwidth, flops, rates, latency, launch_s, call_s, description)
 
 
 def load_machine(remeasure: bool = False, progress: Callable[[str], None] = print) -> Machine:
@@ -168,7 +195,8 @@ def load_machine(remeasure: bool = False, progress: Callable[[str], None] = prin
 
 
 def format_machine(m: Machine) -> str:
-    rates = ", ".join(f"{k} {v / 1e9:.1f} GB/s" for k, v in m.weight_bps.items())
+    rates = ", ".join(f"{k} {v / 1e9:.1f} GB/s + {m.matmul_latency_s.get(k, 0) * 1e6:.0f} us"
+                      for k, v in m.weight_bps.items())
     return (f"{m.description}\n"
             f"  read bandwidth     {m.read_bps / 1e9:.1f} GB/s\n"
             f"  float32 GEMM       {m.gemm_flops / 1e9:.1f} GFLOP/s\n"
