@@ -21,8 +21,9 @@ def pass_registry() -> dict[str, type[PassConfig]]:
     """Every pass a recipe may name."""
     from .passes.fusion import FuseConfig
     from .passes.quantize import QuantizeConfig
+    from .passes.sparse_attention import SparseAttentionConfig
 
-    return {c.name: c for c in (FuseConfig, QuantizeConfig, UserRules)}
+    return {c.name: c for c in (FuseConfig, SparseAttentionConfig, QuantizeConfig, UserRules)}
 
 
 _recipe.set_default_registry(pass_registry)

@@ -40,7 +40,7 @@ import torch.fx as fx
 log = logging.getLogger("llmcompile")
 
 __all__ = ["B", "P", "S", "Cost", "CostDelta", "CostObserver", "GraphCost", "NodeCost",
-           "attention_pairs", "graph_cost", "layer_index"]
+           "attention_pairs", "graph_cost", "layer_index", "window_break_even"]
 
 #: tokens in the step, past (cached) length, batch: the names formulas are written in
 S, P, B = sympy.symbols("s p b", integer=True, nonnegative=True)
@@ -255,10 +255,23 @@ def attention_pairs(s, t, causal: bool = True, window: int = 0, sinks: int = 0,
 
 
 def _block_sparse_pairs(s, t, block: int, local: int, stride: int):
-    """Upper bound: every query block keeps ``local`` blocks plus ``(blocks - local)/stride``
-    strided ones, each ``block`` keys wide, capped at the causal count."""
+    """Approximate (block granularity): every query keeps ``local`` blocks plus one in
+    ``stride`` of the blocks before them, each ``block`` keys wide, capped at the causal
+    count."""
     keys_per_query = block * (local + sympy.Max(0, (t / block - local)) / max(stride, 1))
     return sympy.Min(s * keys_per_query, attention_pairs(s, t, causal=True))
+
+
+def window_break_even(window: int, sinks: int = 0, block: int = 128) -> int:
+    """The prefill length from which windowed attention does less work than dense causal
+    attention, when a kernel works in ``block`` x ``block`` tiles (FlexAttention): each query
+    tile visits the tiles its window spans plus the sinks' tile, ``K`` in all, against
+    ``s(s + 1)/2`` pairs for a causal kernel that skips the upper triangle. Solved with
+    sympy: ``s·K·block = s(s + 1)/2``."""
+    tiles = -(-(window - 1) // block) + 1 + (1 if sinks else 0)
+    length = sympy.Symbol("length", positive=True)
+    roots = sympy.solve(sympy.Eq(length * tiles * block, length * (length + 1) / 2), length)
+    return int(sympy.ceiling(max(roots)))
 
 
 def _keys_read(s, t, node_args: dict) -> Any:
@@ -369,8 +382,9 @@ def _attention(walk: _Walk, node: fx.Node) -> NodeCost:
                                                **node.kwargs}.items()}
     (bq, hq, s, e), k, v = (_shape(_tensor(args[n]), walk.rename) for n in "qkv")
     t = k[2]
-    spec = {"causal": bool(args.get("causal", False)), "window": int(args.get("window", 0)),
-            "sinks": int(args.get("sinks", 0))}
+    spec = {"causal": bool(args.get("causal", False))} | {
+        name: int(args.get(name, 0) or 0)
+        for name in ("window", "sinks", "block", "local_blocks", "vertical_stride")}
     kv_args = [args["k"], args["v"]]
     if node.target is llmc.group_query_attention.default:
         spec["causal"] = True

@@ -1,9 +1,9 @@
 """From cost to time: a roofline of one machine, plus a per-kernel overhead.
 
 Each node takes ``max(flops / peak, bytes / bandwidth)``; weights streamed by a matmul go at
-the rate its kernel was measured to reach, after a fixed latency per call (a float GEMV, an
-int8 or int4 packed kernel: on a CPU these are not all bandwidth-bound, and small matrices
-pay the latency), everything else at the machine's read bandwidth. A
+the speed its kernel was measured to reach at that size (a float GEMV, an int8 or int4 packed
+kernel: on a CPU these are not all bandwidth-bound, and small matrices pay a latency floor),
+everything else at the machine's read bandwidth. A
 step adds ``launches × launch_s + call_s``: the time a compiled call spends outside kernels
 (wrapper, guards, kernel launches), fitted once from measured decode steps of small models
 whose kernels take no time to speak of.
@@ -17,7 +17,7 @@ from typing import Any
 
 from .cost import GraphCost, NodeCost
 
-__all__ = ["Machine", "Prediction", "predict"]
+__all__ = ["Machine", "Prediction", "interpolate", "predict"]
 
 
 @dataclass(frozen=True)
@@ -28,10 +28,12 @@ class Machine:
     read_bps: float
     #: float32 FLOP/s of a large GEMM
     gemm_flops: float
-    #: bytes/s of weights a matmul kind streams in one-token decode (float32, int8, int4) ...
+    #: bytes/s of weights a matmul kind streams in one-token decode (float32, int8, int4):
+    #: the slope of its largest measured sizes
     weight_bps: Mapping[str, float] = field(default_factory=dict)
-    #: ... after a fixed latency per call (seconds): ``t = latency + bytes / rate``
-    matmul_latency_s: Mapping[str, float] = field(default_factory=dict)
+    #: per kind, measured ``[weight bytes, seconds]`` of one-token matmuls, smallest first:
+    #: a matmul's time is interpolated between them (small ones pay a latency floor)
+    matmul_curve: Mapping[str, list] = field(default_factory=dict)
     #: seconds per kernel launch and per compiled call outside kernels
     launch_s: float = 0.0
     call_s: float = 0.0
@@ -39,7 +41,8 @@ class Machine:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self) | {"weight_bps": dict(self.weight_bps),
-                               "matmul_latency_s": dict(self.matmul_latency_s)}
+                               "matmul_curve": {k: [list(p) for p in v]
+                                                for k, v in self.matmul_curve.items()}}
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Machine:
@@ -72,14 +75,27 @@ def _weight_kind(node: NodeCost) -> str:
 def _node_seconds(node: NodeCost, values: Mapping, machine: Machine) -> tuple[float, bool]:
     """(seconds, compute-bound) of one node at concrete sizes."""
     c = node.cost.numbers(values)
-    rate, latency = machine.read_bps, 0.0
+    weights = c["weights"] / machine.read_bps
     if node.kind in ("matmul", "packed"):
         kind = _weight_kind(node)
-        rate = machine.weight_bps.get(kind, machine.read_bps)
-        latency = machine.matmul_latency_s.get(kind, 0.0)
-    memory = latency + c["weights"] / rate + (c["kv"] + c["activations"]) / machine.read_bps
+        curve = machine.matmul_curve.get(kind)
+        weights = (interpolate(curve, c["weights"]) if curve else
+                   c["weights"] / machine.weight_bps.get(kind, machine.read_bps))
+    memory = weights + (c["kv"] + c["activations"]) / machine.read_bps
     compute = c["flops"] / machine.gemm_flops
     return max(memory, compute), compute > memory
+
+
+def interpolate(curve, nbytes: float) -> float:
+    """Seconds for ``nbytes`` from measured ``[(bytes, seconds)]``, smallest first: linear
+    between points, the smallest point's time below it, the last slope beyond the largest."""
+    if nbytes <= curve[0][0]:
+        return curve[0][1]
+    for (b0, t0), (b1, t1) in zip(curve, curve[1:]):
+        if nbytes <= b1:
+            return t0 + (t1 - t0) * (nbytes - b0) / (b1 - b0)
+    (b0, t0), (b1, t1) = curve[-2], curve[-1]
+    return t1 + (t1 - t0) * (nbytes - b1) / (b1 - b0)
 
 
 def predict(cost: GraphCost, values: Mapping, machine: Machine) -> Prediction:

@@ -134,6 +134,7 @@ class Report:
             lines.append(f"  [{run.phase}] {run.name}  ({run.seconds * 1000:.0f} ms)")
             if run.cost is not None:
                 lines.append(f"      cost: {run.cost}")
+            lines += [f"      note: {note}" for note in run.stats.notes]
             for name, s in run.stats.rules.items():
                 if quiet and not s.fired and not s.near_misses:
                     continue

@@ -46,6 +46,8 @@ class Stats:
     """Per rule: how often it fired, and the near misses with reasons."""
 
     rules: dict[str, RuleStats] = field(default_factory=lambda: defaultdict(RuleStats))
+    #: what a pass wants users to know beyond its rules (a break-even length, bytes saved)
+    notes: list[str] = field(default_factory=list)
 
     def fired(self, name: str) -> int:
         return self.rules[name].fired if name in self.rules else 0

@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["add_rms_norm", "attention", "gelu_mul", "group_query_attention", "int4_linear",
-           "int8_linear", "matmul_nbits", "rms_norm", "rotary", "silu_mul"]
+__all__ = ["add_rms_norm", "attention", "attention_keep", "gelu_mul", "group_query_attention",
+           "int4_linear", "int8_linear", "matmul_nbits", "rms_norm", "rotary", "silu_mul"]
 
 _lib = torch.library.Library("llmcompile", "DEF")  # noqa: TOR901 - one library, defined here
 
@@ -54,24 +54,40 @@ def _gelu_mul_ref(gate: Tensor, up: Tensor, approximate: str = "none") -> Tensor
 
 
 def _attention_ref(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float,
-                   causal: bool = False, window: int = 0, sinks: int = 0) -> Tensor:
+                   causal: bool = False, window: int = 0, sinks: int = 0, block: int = 0,
+                   local_blocks: int = 0, vertical_stride: int = 0) -> Tensor:
     """Scaled dot-product attention with a mask *description*.
 
     ``mask`` (bool, True = attend, or additive float) is applied as given; ``causal`` aligns the
     diagonal bottom-right (query i of S sees keys up to i + T - S, as with a KV cache); a
     ``window`` > 0 keeps only the last ``window`` keys of each query, plus the first ``sinks``.
+    ``block`` > 0 is block-sparse (Phi-3-small style): positions fall in blocks of ``block``;
+    a query keeps the keys of its own and the ``local_blocks - 1`` previous blocks, plus every
+    block ``b`` with ``(b + 1) % vertical_stride == 0`` (strided "vertical" blocks).
     """
-    if causal or window > 0:
-        s, t = q.shape[-2], k.shape[-2]
-        qpos = torch.arange(s, device=q.device).unsqueeze(-1) + (t - s)  # [S, 1]
-        kpos = torch.arange(t, device=q.device).unsqueeze(0)  # [1, T]
-        keep = kpos <= qpos if causal else torch.ones_like(kpos, dtype=torch.bool)
-        if window > 0:
-            keep = keep & ((qpos - kpos < window) | (kpos < sinks))
+    if causal or window > 0 or block > 0:
+        keep = attention_keep(q.shape[-2], k.shape[-2], q.device, causal, window, sinks, block,
+                              local_blocks, vertical_stride)
         mask = keep if mask is None else _combine(mask, keep)
     # head counts are static in every model; bool() keeps a SymBool from reaching SDPA
     gqa = bool(q.shape[1] != k.shape[1])
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
+
+
+def attention_keep(s: int, t: int, device: torch.device | str = "cpu", causal: bool = True,
+                   window: int = 0, sinks: int = 0, block: int = 0, local_blocks: int = 0,
+                   vertical_stride: int = 0) -> Tensor:
+    """The bool ``[S, T]`` keep-mask of a description (True = attend), bottom-right aligned."""
+    qpos = torch.arange(s, device=device).unsqueeze(-1) + (t - s)  # [S, 1]
+    kpos = torch.arange(t, device=device).unsqueeze(0)  # [1, T]
+    keep = kpos <= qpos if causal else torch.ones_like(kpos, dtype=torch.bool)
+    if window > 0:
+        keep = keep & ((qpos - kpos < window) | (kpos < sinks))
+    if block > 0:
+        qb, kb = qpos // block, kpos // block
+        strided = (kb + 1) % vertical_stride == 0 if vertical_stride > 0 else kb < 0
+        keep = keep & ((qb - kb < local_blocks) | strided)
+    return keep
 
 
 def _combine(mask: Tensor, keep: Tensor) -> Tensor:
@@ -157,7 +173,8 @@ _define("rotary(Tensor x, Tensor cos, Tensor sin) -> Tensor", _rotary_ref)
 _define("silu_mul(Tensor gate, Tensor up) -> Tensor", _silu_mul_ref)
 _define("gelu_mul(Tensor gate, Tensor up, str approximate='none') -> Tensor", _gelu_mul_ref)
 _define("attention(Tensor q, Tensor k, Tensor v, Tensor? mask, float scale, bool causal=False,"
-        " int window=0, int sinks=0) -> Tensor", _attention_ref)
+        " int window=0, int sinks=0, int block=0, int local_blocks=0, int vertical_stride=0)"
+        " -> Tensor", _attention_ref)
 _define("int8_linear(Tensor x, Tensor weight, Tensor scales, Tensor? bias=None) -> Tensor",
         _int8_linear_ref)
 _define("int4_linear(Tensor x, Tensor weight, Tensor scales_zeros, int group_size,"

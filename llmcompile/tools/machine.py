@@ -5,9 +5,9 @@ What is measured (about half a minute, most of it compiling two small models):
 * read bandwidth: ``x.sum()`` over a 256 MiB float32 tensor (:func:`measure_bandwidth`);
 * sustained float32 GEMM FLOP/s: ``a @ b`` with 1024 x 1024 matrices;
 * per one-token matmul kind (a float32 ``F.linear`` and the int8 / int4 packed kernels the
-  ``quantize_weights`` pass emits, activations in the dtype it chooses for this CPU): the
-  rate at which it streams weights and its latency per call, fitted as
-  ``t = latency + bytes / rate`` over matrices of 0.5 to 64 MiB (float32 sizes);
+  ``quantize_weights`` pass emits, activations in the dtype it chooses for this CPU): its
+  time against weight bytes, 64 KiB to 64 MiB (float32 sizes), each size cycling through
+  more copies than the caches hold;
 * overhead outside kernels: decode steps of a tiny llama with 1 and 8 layers compiled by
   llmcompile (``default`` recipe), whose kernels take next to no time; the two steps fit
   ``call_s + launches x launch_s`` (launches counted by the cost model).
@@ -73,15 +73,15 @@ def _gemm_flops(n: int = 1024, repeats: int = 5) -> float:
         return 2 * n**3 / _median_seconds(torch.matmul, repeats, a, b)
 
 
-_WIDTHS = (128, 512, 2048, 8192, 16384)  # output rows; K = 1024: 0.5 ... 64 MiB of float32
+_WIDTHS = (16, 128, 512, 2048, 8192, 16384)  # output rows; K = 1024: 64 KiB ... 64 MiB float32
 _POOL_BYTES = 256 * 2**20  # more than any last-level cache: every call reads from memory
 
 
-def _weight_rates(repeats: int = 5) -> tuple[dict[str, float], dict[str, float]]:
-    """Per matmul kind, ``(bytes/s, latency s)`` of a one-token matmul: the least-squares fit
-    of ``t = latency + bytes / rate`` over weights of 0.5 to 64 MiB (float32 sizes). Each
-    size cycles through copies of its weights that together exceed the caches, as a model's
-    layers do, so no call finds its weights cached."""
+def _weight_rates(repeats: int = 5) -> tuple[dict[str, float], dict[str, list]]:
+    """Per matmul kind, the streaming rate (bytes/s, slope of the two largest sizes) and the
+    measured ``[bytes, seconds]`` of one-token matmuls over weights of 64 KiB to 64 MiB
+    (float32 sizes). Each size cycles through copies of its weights that together exceed the
+    caches, as a model's layers do, so no call finds its weights cached."""
     from .. import ops
     from ..quant.formats import quantize_int4, quantize_int8
 
@@ -98,8 +98,9 @@ def _weight_rates(repeats: int = 5) -> tuple[dict[str, float], dict[str, float]]
             for kind, (fn, weights) in cases.items():
                 nbytes = _nbytes(*(t for t in weights if isinstance(t, torch.Tensor)))
                 points[kind].append((nbytes, _stream_seconds(fn, x, weights, nbytes, repeats)))
-    fits = {kind: _fit(p) for kind, p in points.items()}
-    return {k: v[0] for k, v in fits.items()}, {k: v[1] for k, v in fits.items()}
+    rates = {k: (p[-1][0] - p[-2][0]) / max(p[-1][1] - p[-2][1], 1e-12)
+             for k, p in points.items()}
+    return rates, {k: [list(x) for x in p] for k, p in points.items()}
 
 
 def _stream_seconds(fn: Callable, x: torch.Tensor, weights: tuple, nbytes: int,
@@ -118,14 +119,6 @@ def _stream_seconds(fn: Callable, x: torch.Tensor, weights: tuple, nbytes: int,
 
 def _nbytes(*tensors: torch.Tensor) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
-
-
-def _fit(points: list[tuple[int, float]]) -> tuple[float, float]:
-    """``(rate, latency)`` of ``t = latency + bytes / rate`` by least squares."""
-    xs, ts = [float(b) for b, _ in points], [t for _, t in points]
-    mx, mt = statistics.fmean(xs), statistics.fmean(ts)
-    slope = sum((x - mx) * (t - mt) for x, t in zip(xs, ts)) / sum((x - mx) ** 2 for x in xs)
-    return 1 / slope, max(mt - slope * mx, 0.0)
 
 
 def _decode_step(layers: int, progress: Callable[[str], None]) -> tuple[float, object]:
@@ -170,13 +163,13 @@ def measure_machine(progress: Callable[[str], None] = print) -> Machine:
     progress("measuring float32 GEMM throughput")
     flops = _gemm_flops()
     progress("measuring one-token matmul kernels (float32, int8, int4)")
-    rates, latency = _weight_rates()
-    base = Machine(bandwidth, flops, rates, latency)
+    rates, curve = _weight_rates()
+    base = Machine(bandwidth, flops, rates, curve)
     progress("fitting the per-call and per-kernel overhead from two tiny models")
     call_s, launch_s = _fit_overhead(base, progress)
     description = (f"{_cpu_name()}, {cpu.describe()}, {torch.get_num_threads()} threads, "
                    f"torch {torch.__version__}")
-    return Machine(bandwidth, flops, rates, latency, launch_s, call_s, description)
+    return Machine(bandwidth, flops, rates, curve, launch_s, call_s, description)
 
 
 def load_machine(remeasure: bool = False, progress: Callable[[str], None] = print) -> Machine:
@@ -195,7 +188,7 @@ def load_machine(remeasure: bool = False, progress: Callable[[str], None] = prin
 
 
 def format_machine(m: Machine) -> str:
-    rates = ", ".join(f"{k} {v / 1e9:.1f} GB/s + {m.matmul_latency_s.get(k, 0) * 1e6:.0f} us"
+    rates = ", ".join(f"{k} {v / 1e9:.1f} GB/s (smallest {_floor(m, k) * 1e6:.0f} us)"
                       for k, v in m.weight_bps.items())
     return (f"{m.description}\n"
             f"  read bandwidth     {m.read_bps / 1e9:.1f} GB/s\n"
@@ -203,6 +196,11 @@ def format_machine(m: Machine) -> str:
             f"  one-token matmuls  {rates}\n"
             f"  overhead           {m.call_s * 1e6:.0f} us per call + "
             f"{m.launch_s * 1e6:.1f} us per kernel")
+
+
+def _floor(m: Machine, kind: str) -> float:
+    curve = m.matmul_curve.get(kind)
+    return curve[0][1] if curve else 0.0
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
