@@ -185,6 +185,7 @@ def to_onnx(program: Program, args: Sequence[Any], path: str | os.PathLike, *,
     _check_supported(program)
     dtype = model_dtype(program)
     table, notes = translation_table(provider, dtype)
+    notes += sparse_attention_notes(program.graph)
     _weights_to_constants(program)
     _symbols_to_sizes(program.graph)
     program.graph._codegen = fx.graph.CodeGen()  # flat positional inputs, not a pytree
@@ -223,6 +224,28 @@ def to_onnx(program: Program, args: Sequence[Any], path: str | os.PathLike, *,
         stale.unlink(missing_ok=True)
     onnx_program.save(str(path), external_data=True)
     return OnnxModel(path, notes, mutations, user_outputs)
+
+
+def sparse_attention_notes(graph: fx.Graph) -> list[str]:
+    """Why attention with sinks or blocks leaves the contrib ops (said in the export notes)."""
+    from ..core.pattern import arguments
+
+    sinks = blocks = 0
+    for node in graph.nodes:
+        if node.target is torch.ops.llmcompile.attention.default:
+            args = arguments(node)
+            sinks += bool(args[7])
+            blocks += bool(args[8])
+    notes = []
+    if sinks:
+        notes.append(f"{sinks} attention layer(s) with attention sinks: emitted as standard ONNX "
+                     "ops (a keep-mask from sizes, MatMul, Softmax); GroupQueryAttention's "
+                     "local_window_size has no kept first tokens, and its sink input is a "
+                     "learned per-head logit, not StreamingLLM's sinks")
+    if blocks:
+        notes.append(f"{blocks} block-sparse attention layer(s): emitted as standard ONNX ops "
+                     "(com.microsoft.SparseAttention runs on CUDA only and is not emitted yet)")
+    return notes
 
 
 def _io_map(onnx_program, renamed: bool) -> list[int]:

@@ -212,3 +212,18 @@ def test_predicted_beside_measured(result):
     assert by_name["eager"]["predicted_decode_ms"] is None
     assert "dispatch" in by_name["eager"]["prediction"]
     assert "predicted by the cost model" in bench.format_table(out)
+
+
+def test_bench_weight_bytes_equal_the_cost_tools(result):
+    """One source of truth: `llmcompile cost`'s decode weight bytes (export capture) equal the
+    bench's "weights MiB" of the same recipe (its compiled decode graph)."""
+    import sympy
+
+    from llmcompile.analysis.cost import B
+    from llmcompile.tools.cost import cost
+
+    out, _ = result
+    default = next(r for r in out["results"] if r["name"] == "default")
+    decode = cost("llama", "default", machine=None).decode()
+    assert decode.weights.subs(B, 1) == default["weight_bytes"]
+    assert isinstance(decode.weights, sympy.Expr)
