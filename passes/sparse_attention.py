@@ -148,6 +148,9 @@ def _check(config: SparseAttentionConfig):
             return own
         spec = config.description()
         if config.pattern == "sliding_window" and own and own <= config.window:
+            if "mask" not in m.binds:
+                return Reject(f"the layer already has a window of {own} keys, no wider than "
+                              f"{config.window}: kept as it is")
             spec = {"window": own, "sinks": 0}  # the model's own window is the smaller one
         keys = m.shape("k")[2]
         span = spec.get("window", 0) + spec.get("sinks", 0) if config.pattern == \

@@ -15,6 +15,7 @@ import torch
 
 from .. import _compat
 from ..core.pipeline import Report
+from ..core.recipe import RecipeError
 from ..registry import resolve_recipe
 
 __all__ = ["explain", "load_model"]
@@ -76,10 +77,17 @@ def explain(model: Any, recipe: Any = None, example_inputs: Any = None, prompt_l
     torch.compiler.reset()
     compiled = torch.compile(module, backend=backend, fullgraph=True)
     kwargs = example_inputs if example_inputs is not None else _default_inputs(module, prompt_len)
-    with torch.no_grad():
-        if isinstance(kwargs, dict):
-            compiled(**kwargs)
-        else:
-            compiled(*kwargs)
-    torch.compiler.reset()
+    try:
+        with torch.no_grad():
+            if isinstance(kwargs, dict):
+                compiled(**kwargs)
+            else:
+                compiled(*kwargs)
+    except Exception as e:
+        inner = getattr(e, "inner_exception", None)  # Dynamo wraps what a backend raises
+        if isinstance(inner, RecipeError):
+            raise inner from None
+        raise
+    finally:
+        torch.compiler.reset()
     return reports

@@ -149,8 +149,8 @@ def test_declines_when_the_window_covers_every_key():
 
 
 def test_break_even_is_solved_from_the_tiles():
-    # window 512 + sinks: 4 tiles of 128 keys plus the sinks' tile -> s = 2 * 5 * 128 - 1
-    assert window_break_even(512, 4, 128) == 2 * 5 * 128 - 1
+    # a window of 512 keys, unaligned, spans 5 tiles of 128; plus the sinks' tile: K = 6
+    assert window_break_even(512, 4, 128) == 2 * 6 * 128 - 1
     assert window_break_even(100, 0, 128) == 2 * 2 * 128 - 1
 
 
