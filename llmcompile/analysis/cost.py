@@ -303,7 +303,7 @@ class _Walk:
         while isinstance(source, fx.Node) and source.target in _VIEWS:
             if source.target is aten.expand.default:
                 base = _tensor(source.args[0])
-                n = sympy.Integer(n) * _numel(_shape(base, self.rename)) / _numel(
+                n = sympy.sympify(n) * _numel(_shape(base, self.rename)) / _numel(
                     _shape(_tensor(source), self.rename))
             source = source.args[0]
         return n * val.element_size()

@@ -20,6 +20,7 @@ from ..core.canonicalize import canonicalize
 from ..core.program import Program
 from ..core.rewrite import Stats, apply_rules
 from ..core.rules import RuleSet
+from .flex import lower_sparse_attention
 
 __all__ = ["PostGradRules", "compile_inductor", "plain_inductor"]
 
@@ -73,7 +74,11 @@ def _patches(mode: str | None, post_grad: RuleSet | None, fingerprint: str) -> d
 
 def compile_inductor(program: Program, example_inputs: Sequence[Any], *, mode: str | None = None,
                      post_grad: RuleSet | None = None, fingerprint: str = ""):
-    """Compile the rewritten program with Inductor; returns the compiled callable."""
+    """Compile the rewritten program with Inductor; returns the compiled callable.
+
+    Sparse attention (a window, sinks or blocks) runs as FlexAttention (:mod:`.flex`)."""
+    if lower_sparse_attention(program.graph):
+        program.recompile()
     return _compat.compile_fx(program.gm, example_inputs, _patches(mode, post_grad, fingerprint))
 
 

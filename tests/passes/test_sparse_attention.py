@@ -210,3 +210,38 @@ def test_onnx_export_with_a_window_matches_the_reference(tmp_path, sinks):
     np.testing.assert_allclose(logits, want[:, :PROMPT].numpy(), rtol=1e-4, atol=1e-4)
     logits, _ = lm.forward(ids[:, PROMPT:].numpy(), past)
     np.testing.assert_allclose(logits, want[:, PROMPT:].numpy(), rtol=1e-4, atol=1e-4)
+
+
+def test_inductor_runs_flex_attention_with_one_block_mask(monkeypatch):
+    """Static prefill: every layer's attention is FlexAttention, all sharing one BlockMask."""
+    from llmcompile.lower import flex
+
+    calls, masks = [], []
+    real_flex, real_mask = flex.flex_attention, flex.block_mask
+    monkeypatch.setattr(flex, "flex_attention", lambda *a, **k: calls.append(1) or real_flex(
+        *a, **k))
+    monkeypatch.setattr(flex, "block_mask", lambda *a: masks.append(1) or real_mask(*a))
+    model = tiny_model("llama")
+    ids = torch.randint(3, 200, (1, PROMPT), generator=torch.Generator().manual_seed(4))
+    torch.testing.assert_close(_compiled(model, _recipe("inductor"), ids),
+                               _masked_eager(model, ids, window=4, sinks=2),
+                               rtol=1e-4, atol=1e-4)
+    assert len(calls) >= 2 and len(masks) * 2 == len(calls)  # traced: 2 layers, 1 mask
+
+
+def test_growing_prompts_recompile_once_and_stay_right():
+    from torch._dynamo.utils import counters
+
+    model = tiny_model("llama")
+    torch.compiler.reset()
+    fn = torch.compile(model, backend="llmcompile", options={
+        "recipe": _recipe("inductor"), "fallback": False}, fullgraph=True)
+    graphs = []
+    for length in (12, 20, 33, 9):
+        ids = torch.randint(3, 200, (1, length))
+        with torch.no_grad():
+            out = fn(input_ids=ids, use_cache=False).logits
+        torch.testing.assert_close(out, _masked_eager(model, ids, window=4, sinks=2),
+                                   rtol=1e-4, atol=1e-4)
+        graphs.append(counters["stats"]["unique_graphs"])
+    assert graphs[1] == graphs[0] + 1 and graphs[-1] == graphs[1]  # one dynamic recompile
