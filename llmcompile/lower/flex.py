@@ -5,9 +5,10 @@
         ==>  sdpa(q, cat(k[:n], k[-w:]), ...)                    one query (decode): reads only
                                                                  the sinks and the window
 
-The ``BlockMask`` M is built by one node per distinct (description, query length, key length),
-placed before the first layer that uses it and shared by every layer: built once per call of
-the graph, never per layer. Inductor compiles ``flex_attention`` to its CPU / GPU template, so
+The ``BlockMask`` M of each distinct (description, query length, key length) is built once, at
+compile time (and cached for the process); its block tables become graph constants, from which
+one node per shape rebuilds the ``BlockMask`` object that every layer shares: the mask is never
+evaluated per layer or per call. Inductor compiles ``flex_attention`` to its CPU / GPU template, so
 prefill work grows with length × window instead of length². Graphs with symbolic lengths
 (Dynamo's dynamic recompile) keep the reference: SDPA with the description's keep-mask, which
 is right but computes every pair (Inductor's FlexAttention lowering fails on symbolic lengths
@@ -19,12 +20,13 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
-from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
+from .. import _compat
 from ..core.pattern import arguments
 from ..ops import attention_keep
 
-__all__ = ["block_mask", "lower_sparse_attention", "sparse_attention"]
+__all__ = ["block_mask", "from_blocks", "lower_sparse_attention", "sparse_attention"]
 
 _ATTENTION = torch.ops.llmcompile.attention.default
 #: argument positions in the op's schema
@@ -46,12 +48,28 @@ def _mask_mod(s: int, t: int, window: int, sinks: int, block: int, local: int, s
     return keep
 
 
-def block_mask(q: torch.Tensor, k: torch.Tensor, window: int, sinks: int, block: int,
-               local: int, stride: int):
-    """The ``BlockMask`` of a description for ``q [.., S, E]`` over ``k [.., T, E]``."""
-    s, t = q.shape[-2], k.shape[-2]
-    return create_block_mask(_mask_mod(s, t, window, sinks, block, local, stride), None, None,
-                             s, t, device=q.device)
+#: (S, T, description, device) -> BlockMask, built once per shape in this process
+_BUILT: dict[tuple, BlockMask] = {}
+
+
+def block_mask(s: int, t: int, device: torch.device, *spec: int) -> BlockMask:
+    """The ``BlockMask`` of a description for ``s`` queries over ``t`` keys, built once."""
+    key = (s, t, *spec, str(device))
+    if key not in _BUILT:
+        with _compat.no_tracing_context():  # real tensors, outside the graph being compiled
+            _BUILT[key] = create_block_mask(_mask_mod(s, t, *spec), None, None, s, t,
+                                            device=device)
+    return _BUILT[key]
+
+
+def from_blocks(kv_num_blocks, kv_indices, full_num_blocks, full_indices, s: int, t: int,
+                q_block: int, kv_block: int, *spec: int) -> BlockMask:
+    """A ``BlockMask`` from its precomputed block tables (graph constants): nothing is
+    evaluated per call (inference needs no query-block tables)."""
+    return BlockMask.from_kv_blocks(kv_num_blocks, kv_indices, full_num_blocks, full_indices,
+                                    BLOCK_SIZE=(q_block, kv_block),
+                                    mask_mod=_mask_mod(s, t, *spec), seq_lengths=(s, t),
+                                    compute_q_blocks=False)
 
 
 def sparse_attention(q, k, v, scale: float, window: int, sinks: int, block: int, local: int,
@@ -81,8 +99,21 @@ def _sparse(node: fx.Node) -> tuple | None:
     return (*args[:3], float(args[_SCALE]), *spec)
 
 
-def lower_sparse_attention(graph: fx.Graph) -> int:
-    """Rewrite sparse ``llmcompile.attention`` nodes in place; returns how many."""
+def _mask_node(program, node: fx.Node, s: int, t: int, spec: list[int]) -> fx.Node:
+    """A node rebuilding the shape's ``BlockMask`` from its tables, stored as constants."""
+    built = block_mask(s, t, node.args[0].meta["val"].device, *spec)
+    tables = [built.kv_num_blocks, built.kv_indices, built.full_kv_num_blocks,
+              built.full_kv_indices]
+    with program.graph.inserting_before(node):
+        consts = [program.add_constant(x, "block_mask") if x is not None else None
+                  for x in tables]
+        return program.graph.call_function(from_blocks, (*consts, s, t, *built.BLOCK_SIZE,
+                                                         *spec))
+
+
+def lower_sparse_attention(program) -> int:
+    """Rewrite the program's sparse ``llmcompile.attention`` nodes in place; how many."""
+    graph = program.graph
     masks: dict[tuple, fx.Node] = {}
     count = 0
     for node in list(graph.nodes):
@@ -94,11 +125,10 @@ def lower_sparse_attention(graph: fx.Graph) -> int:
         if not (isinstance(s, int) and isinstance(t, int)):
             continue  # Inductor's FlexAttention fails on symbolic lengths: dense masked SDPA
         mask = None
-        if not (isinstance(s, int) and s == 1):
-            key = (str(s), str(t), *spec)
+        if s > 1:
+            key = (s, t, *spec)
             if key not in masks:
-                with graph.inserting_before(node):
-                    masks[key] = graph.call_function(block_mask, (q, k, *spec))
+                masks[key] = _mask_node(program, node, s, t, spec)
             mask = masks[key]
         with graph.inserting_before(node):
             new = graph.call_function(sparse_attention, (q, k, v, scale, *spec, mask))

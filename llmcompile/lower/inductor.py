@@ -77,7 +77,7 @@ def compile_inductor(program: Program, example_inputs: Sequence[Any], *, mode: s
     """Compile the rewritten program with Inductor; returns the compiled callable.
 
     Sparse attention (a window, sinks or blocks) runs as FlexAttention (:mod:`.flex`)."""
-    if lower_sparse_attention(program.graph):
+    if lower_sparse_attention(program):
         program.recompile()
     return _compat.compile_fx(program.gm, example_inputs, _patches(mode, post_grad, fingerprint))
 

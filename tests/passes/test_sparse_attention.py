@@ -221,12 +221,13 @@ def test_inductor_runs_flex_attention_with_one_block_mask(monkeypatch):
     monkeypatch.setattr(flex, "flex_attention", lambda *a, **k: calls.append(1) or real_flex(
         *a, **k))
     monkeypatch.setattr(flex, "block_mask", lambda *a: masks.append(1) or real_mask(*a))
+    flex._BUILT.clear()
     model = tiny_model("llama")
     ids = torch.randint(3, 200, (1, PROMPT), generator=torch.Generator().manual_seed(4))
     torch.testing.assert_close(_compiled(model, _recipe("inductor"), ids),
                                _masked_eager(model, ids, window=4, sinks=2),
                                rtol=1e-4, atol=1e-4)
-    assert len(calls) >= 2 and len(masks) * 2 == len(calls)  # traced: 2 layers, 1 mask
+    assert len(calls) >= 2 and len(masks) == 1  # 2 layers (traced), 1 mask built at compile
 
 
 def test_growing_prompts_recompile_once_and_stay_right():

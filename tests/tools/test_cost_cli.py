@@ -109,3 +109,17 @@ def test_plot(tmp_path):
     report = cost("llama", "default", machine=PROFILE)
     plot(report, tmp_path / "cost.png")
     assert (tmp_path / "cost.png").stat().st_size > 0
+
+
+def test_a_model_that_cannot_be_captured_is_a_clear_error(monkeypatch, capsys):
+    from llmcompile.deploy import export
+
+    def fails(*a, **k):
+        raise RuntimeError("torch.export: Unsupported data-dependent branch\n  deep frames")
+
+    monkeypatch.setattr(export, "capture_causal_lm", fails)
+    with pytest.raises(ValueError, match="cannot cost LlamaForCausalLM: capturing it with a "
+                                         "KV cache .* Unsupported data-dependent branch$"):
+        cost("llama", "default", machine=None)
+    assert main(["cost", "llama", "--no-machine"]) == 2
+    assert "llmcompile: error: cannot cost" in capsys.readouterr().err
