@@ -28,7 +28,7 @@ from typing import Any
 
 import torch.fx as fx
 
-from .analysis.cost import CostObserver
+from .analysis.delta import CostObserver
 from .core.pipeline import Report, UserRules, run_pipeline
 from .core.program import capture_dynamo, mutated_inputs
 from .core.recipe import Recipe, RecipeError

@@ -96,7 +96,7 @@ class PassRun:
     name: str
     stats: Stats
     seconds: float
-    #: what the pass changed in cost (``analysis.cost.CostDelta``), when an observer ran
+    #: what the pass changed in cost (``analysis.delta.CostDelta``), when an observer ran
     cost: Any = None
 
 
@@ -113,7 +113,7 @@ class Report:
     fallback: str | None = None
     #: where the fallback happened: "capture", "pipeline" or "lower"
     fallback_stage: str | None = None
-    #: the whole recipe's cost change (``analysis.cost.CostDelta``: ``.after`` is the final
+    #: the whole recipe's cost change (``analysis.delta.CostDelta``: ``.after`` is the final
     #: graph's cost), when an observer ran
     cost: Any = None
 
@@ -169,7 +169,7 @@ def run_pipeline(program: Program, recipe: Recipe,
                  observe: Callable[[Program, str], Any] | None = None) -> Report:
     """Run every phase of ``recipe`` on ``program`` in place; returns the report.
 
-    ``observe(program, step)`` (e.g. ``analysis.cost.CostObserver``) is called after
+    ``observe(program, step)`` (e.g. ``analysis.delta.CostObserver``) is called after
     canonicalization, after each pass (its result goes to ``PassRun.cost``) and after cleanup
     (``Report.cost``).
     """

@@ -23,7 +23,8 @@ from typing import Any
 import sympy
 import torch
 
-from ..analysis.cost import B, Cost, CostObserver, GraphCost, P, S
+from ..analysis.cost import B, Cost, GraphCost, P, S
+from ..analysis.delta import CostObserver
 from ..analysis.roofline import Machine, predict
 from ..core.recipe import Recipe
 from ..registry import resolve_recipe

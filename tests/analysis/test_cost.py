@@ -9,7 +9,8 @@ import sympy
 import torch
 from torch import nn
 
-from llmcompile.analysis.cost import B, CostObserver, P, S, attention_pairs, graph_cost
+from llmcompile.analysis.cost import B, P, S, attention_pairs, graph_cost
+from llmcompile.analysis.delta import CostObserver
 from llmcompile.analysis.roofline import Machine, predict
 from llmcompile.core.pipeline import run_pipeline
 from llmcompile.core.program import capture_function
