@@ -209,7 +209,11 @@ def plot(report: CostReport, path: Path, bench: Path | None = None) -> None:
     ax2.semilogx(lengths, [r["decode_tokens_per_s"] for r in rows], label="predicted")
     ax2.set(xlabel="past tokens", ylabel="tokens/s", title="decode")
     if bench is not None:
-        for entry in _bench_points(bench, report.recipe):
+        points = _bench_points(bench, report.recipe, report.model)
+        if not points:
+            raise ValueError(f"{bench} has no measurement of model {report.model!r} with "
+                             f"recipe {report.recipe!r}")
+        for entry in points:
             ax1.plot(entry["prompt_len"], entry["prefill_ms"], "o", label="measured")
             ax2.plot(entry["prompt_len"], entry["decode_tokens_per_s"], "o", label="measured")
     for ax in (ax1, ax2):
@@ -219,11 +223,15 @@ def plot(report: CostReport, path: Path, bench: Path | None = None) -> None:
     fig.savefig(path)
 
 
-def _bench_points(path: Path, recipe: str) -> list[dict[str, Any]]:
+def _bench_points(path: Path, recipe: str, model: str) -> list[dict[str, Any]]:
+    """Measured (prompt length, TTFT, decode tok/s) of ``recipe`` on ``model`` in a bench JSON
+    (one run, or a list of runs at several prompt lengths)."""
     data = json.loads(Path(path).read_text())
     runs = data if isinstance(data, list) else [data]
     out = []
     for run in runs:
+        if run.get("model") != model:
+            continue
         for entry in run.get("results", []):
             if entry.get("name") == recipe and entry.get("decode_tokens_per_s"):
                 out.append({"prompt_len": run["prompt_len"], "prefill_ms": entry["prefill_ms"],

@@ -91,15 +91,16 @@ def test_measure_machine(tmp_path, monkeypatch):
 def test_bench_points_for_the_plot(tmp_path):
     from llmcompile.tools.cost import _bench_points
 
-    bench = {"prompt_len": 128, "results": [
+    bench = {"model": "llama", "prompt_len": 128, "results": [
         {"name": "int8", "prefill_ms": 50.0, "decode_tokens_per_s": 30.0},
         {"name": "inductor", "prefill_ms": 60.0, "decode_tokens_per_s": 10.0},
         {"name": "int4", "prefill_ms": None, "decode_tokens_per_s": None}]}
     path = tmp_path / "bench.json"
     path.write_text(json.dumps(bench))
-    assert _bench_points(path, "int8") == [
+    assert _bench_points(path, "int8", "llama") == [
         {"prompt_len": 128, "prefill_ms": 50.0, "decode_tokens_per_s": 30.0}]
-    assert _bench_points(path, "int4") == []
+    assert _bench_points(path, "int4", "llama") == []
+    assert _bench_points(path, "int8", "smollm2") == []  # another model's measurements
 
 
 def test_plot(tmp_path):
