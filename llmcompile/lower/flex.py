@@ -9,10 +9,11 @@ The ``BlockMask`` M of each distinct (description, query length, key length) is 
 compile time (and cached for the process); its block tables become graph constants, from which
 one node per shape rebuilds the ``BlockMask`` object that every layer shares: the mask is never
 evaluated per layer or per call. Inductor compiles ``flex_attention`` to its CPU / GPU template, so
-prefill work grows with length × window instead of length². Graphs with symbolic lengths
-(Dynamo's dynamic recompile) keep the reference: SDPA with the description's keep-mask, which
-is right but computes every pair (Inductor's FlexAttention lowering fails on symbolic lengths
-in torch 2.13: ``LoweringException: 'Zero' object has no attribute 'get_name'``).
+prefill work grows with length × window instead of length². A graph of symbolic length (after
+Dynamo's one dynamic recompile) builds a window's ``BlockMask`` in the graph from tile
+arithmetic (:func:`window_block_mask`: no mask evaluation, which Inductor cannot lower with
+symbolic sizes in torch 2.13), so it stays sparse and recompiles no more; symbolic lengths with
+past keys or blocks keep the reference (SDPA with the description's keep-mask).
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ from .. import _compat
 from ..core.pattern import arguments
 from ..ops import attention_keep
 
-__all__ = ["block_mask", "from_blocks", "lower_sparse_attention", "sparse_attention"]
+__all__ = ["block_mask", "from_blocks", "lower_sparse_attention", "sparse_attention",
+           "window_block_mask"]
 
 _ATTENTION = torch.ops.llmcompile.attention.default
 #: argument positions in the op's schema
@@ -70,6 +72,26 @@ def from_blocks(kv_num_blocks, kv_indices, full_num_blocks, full_indices, s: int
                                     BLOCK_SIZE=(q_block, kv_block),
                                     mask_mod=_mask_mod(s, t, *spec), seq_lengths=(s, t),
                                     compute_q_blocks=False)
+
+
+def window_block_mask(q: torch.Tensor, window: int, sinks: int, tile: int = 128) -> BlockMask:
+    """A prefill's ``BlockMask`` (queries = keys, any length, symbolic included) from tile
+    arithmetic alone: tile ``j`` is visited by query tile ``i`` when some pair in it is causal
+    and within the window (the closest pair is ``max(0, (i - j - 1)·tile + 1)`` apart) or
+    holds a sink. Every visited tile is partial (the mask is applied inside it)."""
+    length = q.shape[-2]
+    # one tile more than the length needs: a table dimension never has size 1, which would
+    # specialize the graph (and recompile once the prompt passes one tile)
+    tiles = (length + tile - 1) // tile + 1
+    i = torch.arange(tiles, device=q.device).unsqueeze(-1)  # query tiles [N, 1]
+    j = torch.arange(tiles, device=q.device).unsqueeze(0)  # key tiles [1, N]
+    gap = torch.clamp((i - j - 1) * tile + 1, min=0)
+    visit = (j <= i) & ((gap < window) | (j * tile < sinks)) & (j * tile < length)
+    counts = visit.sum(-1, dtype=torch.int32)  # [N]
+    order = torch.argsort((~visit).to(torch.int8), dim=-1, stable=True).to(torch.int32)
+    return BlockMask.from_kv_blocks(counts[None, None], order[None, None], BLOCK_SIZE=tile,
+                                    mask_mod=_mask_mod(0, 0, window, sinks, 0, 0, 0),
+                                    seq_lengths=(length, length), compute_q_blocks=False)
 
 
 def sparse_attention(q, k, v, scale: float, window: int, sinks: int, block: int, local: int,
@@ -122,14 +144,21 @@ def lower_sparse_attention(program) -> int:
             continue
         q, k, v, scale, *spec = found
         s, t = q.meta["val"].shape[-2], k.meta["val"].shape[-2]
-        if not (isinstance(s, int) and isinstance(t, int)):
-            continue  # Inductor's FlexAttention fails on symbolic lengths: dense masked SDPA
         mask = None
-        if s > 1:
-            key = (s, t, *spec)
+        if isinstance(s, int) and isinstance(t, int):
+            if s > 1:
+                key = (s, t, *spec)
+                if key not in masks:
+                    masks[key] = _mask_node(program, node, s, t, spec)
+                mask = masks[key]
+        elif str(s) == str(t) and not spec[2]:  # a prefill of symbolic length, a window
+            key = (str(s), *spec)
             if key not in masks:
-                masks[key] = _mask_node(program, node, s, t, spec)
+                with graph.inserting_before(node):
+                    masks[key] = graph.call_function(window_block_mask, (q, *spec[:2]))
             mask = masks[key]
+        else:
+            continue  # symbolic and past keys or blocks: the masked SDPA reference
         with graph.inserting_before(node):
             new = graph.call_function(sparse_attention, (q, k, v, scale, *spec, mask))
         new.meta.update(node.meta)
