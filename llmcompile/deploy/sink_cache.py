@@ -33,8 +33,9 @@ the absolute count (``generate`` slices its inputs and positions with it).
 Limits: batches without padding (a 2D padding mask is read by slot, which is only right before
 the window wraps); the ``sdpa`` and ``eager`` attentions; decoders whose layers are all full
 attention with ``rotate_half`` rotary (Llama, Mistral, Qwen2, Gemma, Phi-3, ...) and whose
-rotary frequencies do not depend on the position (not ``dynamic``/``longrope``); no ``crop``
-(assisted decoding), since evicted tokens are gone.
+rotary frequencies do not depend on the position (not ``dynamic``/``longrope``). ``crop`` (rolling
+back tokens) works only until the first eviction, since evicted tokens are gone; so the cache
+says it is not croppable and ``generate`` refuses assisted decoding with it up front.
 """
 
 from __future__ import annotations
@@ -263,8 +264,22 @@ class SinkCacheLayer(CacheLayerMixin):
                 buffer.copy_(buffer.index_select(0, beam_idx.to(buffer.device)))
 
     def crop(self, tokens_to_remove: int) -> None:
-        """Not supported: evicted tokens cannot be restored."""
-        raise NotImplementedError("SinkCache cannot crop (roll back): evicted tokens are gone")
+        """Forget the last ``-tokens_to_remove`` tokens (transformers' convention: a negative
+        count). Exact while nothing has been evicted (at most ``sink_tokens + window`` tokens
+        seen): the slots past the new count read as empty and the next update overwrites
+        them. Once tokens were evicted, the window before them cannot be restored: an error."""
+        if tokens_to_remove > 0:
+            raise ValueError(f"SinkCache.crop takes a negative number of tokens to remove, got "
+                             f"{tokens_to_remove}")
+        if tokens_to_remove == 0 or not self.is_initialized:
+            return
+        seen = int(self.seen)
+        if seen > self.max_cache_len:
+            raise ValueError(f"SinkCache cannot roll back {-tokens_to_remove} token(s): after "
+                             f"{seen} tokens, {seen - self.max_cache_len} were evicted and the "
+                             f"window before them is gone (crop works up to "
+                             f"{self.max_cache_len} tokens)")
+        self.seen.fill_(max(seen + tokens_to_remove, 0))
 
 
 def _check_sizes(window: Any, sink_tokens: Any) -> None:

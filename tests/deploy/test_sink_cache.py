@@ -221,6 +221,26 @@ def test_compiled_decode_does_not_recompile():
     torch.testing.assert_close(torch.cat(out, dim=1), eager, atol=1e-4, rtol=1e-4)
 
 
+def test_crop_rolls_back_until_the_first_eviction(model):
+    """Draft 3 wrong tokens, crop them, feed the right ones: the same logits as never having
+    drafted (speculative decoding's rollback). After an eviction, crop is a clear error."""
+    ids, wrong = _ids(CAP, seed=3), _ids(3, seed=4)
+    want = _run(model, SinkCache(WINDOW, SINKS, config=model.config), ids, 4)
+    cache = SinkCache(WINDOW, SINKS, config=model.config)
+    got = [_forward(model, model.forward, cache, ids[:, :4], 0)]
+    _forward(model, model.forward, cache, wrong, 4)
+    cache.crop(-3)
+    assert int(cache.get_seq_length()) == 4
+    got += _decode(model, cache, ids, 4)
+    torch.testing.assert_close(torch.cat(got, dim=1), want, atol=1e-5, rtol=1e-5)
+    assert not cache.is_croppable  # generate refuses assisted decoding up front
+    _decode(model, cache, _ids(CAP + 2, seed=5), CAP)  # past the cache: tokens evicted
+    with pytest.raises(ValueError, match="were evicted and the window before them is gone"):
+        cache.crop(-1)
+    with pytest.raises(ValueError, match="negative number of tokens"):
+        cache.crop(2)
+
+
 def test_bad_arguments():
     config = tiny_config("llama")
     with pytest.raises(ValueError, match="window must be >= 1"):
