@@ -120,10 +120,6 @@ class GraphCost:
     def op_counts(self) -> Counter:
         return Counter(n.op for n in self.nodes) + self.unknown
 
-    def subs(self, values: Mapping) -> GraphCost:
-        return GraphCost([NodeCost(n.node, n.op, n.kind, n.cost.subs(values), n.layer, n.launches)
-                          for n in self.nodes], Counter(self.unknown))
-
 
 def _sum(costs: Iterable[Cost]) -> Cost:
     total = Cost()
@@ -286,7 +282,6 @@ class _Walk:
     graph: fx.Graph
     is_weight: Callable[[fx.Node], bool]
     rename: Mapping
-    layer_of: Callable[[fx.Node], int | None]
     kv: set = field(default_factory=set)
     weights: set = field(default_factory=set)
 
@@ -320,10 +315,8 @@ class _Walk:
                      for v in _tensors_out(node))
         return Cost(kv=nbytes) if node in self.kv else Cost(activations=nbytes)
 
-    def io(self, node: fx.Node, skip: Iterable = ()) -> Cost:
-        skip = set(skip)
-        reads = [n for n in dict.fromkeys(node.all_input_nodes) if n not in skip]
-        return _sum(self.read(n) for n in reads) + self.write(node)
+    def io(self, node: fx.Node) -> Cost:
+        return _sum(self.read(n) for n in dict.fromkeys(node.all_input_nodes)) + self.write(node)
 
 
 def _mark(walk: _Walk) -> None:
@@ -351,20 +344,14 @@ def _mark(walk: _Walk) -> None:
                 todo.append(node.args[0])
 
 
-def _matmul(walk: _Walk, node: fx.Node) -> NodeCost:
+def _matmul(walk: _Walk, node: fx.Node, kind: str) -> NodeCost:
+    """``2·M·N·K`` flops: ``K`` is the activations' last dim (``addmm``'s second argument;
+    the first otherwise, packed linears included)."""
     out = _shape(_tensors_out(node)[0], walk.rename)
     a = _tensor(node.args[1] if node.target in (aten.addmm.default, aten.baddbmm.default)
                 else node.args[0])
     k = _expr(a.shape[-1], walk.rename)
-    return NodeCost(node.name, _op_name(node), "matmul",
-                    Cost(flops=2 * _numel(out) * k) + walk.io(node))
-
-
-def _packed(walk: _Walk, node: fx.Node) -> NodeCost:
-    out = _shape(_tensors_out(node)[0], walk.rename)
-    x = _tensor(node.args[0])
-    k = _expr(x.shape[-1], walk.rename)
-    return NodeCost(node.name, _op_name(node), "packed",
+    return NodeCost(node.name, _op_name(node), kind,
                     Cost(flops=2 * _numel(out) * k) + walk.io(node))
 
 
@@ -430,17 +417,15 @@ def _kind(node: fx.Node) -> str | None:
     return None
 
 
-def _node_cost(walk: _Walk, node: fx.Node) -> NodeCost | None:
-    """The cost of one node; None for free nodes; raises KeyError for unknown ops."""
-    if node.op != "call_function" or node.target in _VIEWS or _is_symbolic(node):
-        return None
-    kind = _kind(node)
-    if kind is None:
-        raise KeyError(_op_name(node))
-    if kind == "matmul":
-        return _matmul(walk, node)
-    if kind == "packed":
-        return _packed(walk, node)
+def _is_free(node: fx.Node) -> bool:
+    """Nodes that do no tensor work: inputs, views, size arithmetic, ``getitem``."""
+    return node.op != "call_function" or node.target in _VIEWS or _is_symbolic(node)
+
+
+def _node_cost(walk: _Walk, node: fx.Node, kind: str) -> NodeCost:
+    """The cost of one node of a known ``kind`` (:func:`_kind`)."""
+    if kind in ("matmul", "packed"):
+        return _matmul(walk, node, kind)
     if kind == "attention":
         return _attention(walk, node)
     if kind == "embedding":
@@ -469,17 +454,17 @@ def graph_cost(graph: fx.Graph, is_weight: Callable[[fx.Node], bool],
     graph's size symbols to :data:`S`, :data:`P`, :data:`B` (or any expressions);
     ``module_path`` (``Program.module_path``) gives each node its decoder layer.
     """
-    path = module_path or (lambda n: "")
-    walk = _Walk(graph, is_weight, dict(rename or {}), lambda n: layer_index(path(n)))
+    walk = _Walk(graph, is_weight, dict(rename or {}))
     _mark(walk)
     out = GraphCost()
     for node in graph.nodes:
-        try:
-            cost = _node_cost(walk, node)
-        except KeyError as e:
-            out.unknown[e.args[0]] += 1
+        if _is_free(node):
             continue
-        if cost is not None:
-            cost.layer = walk.layer_of(node)
-            out.nodes.append(cost)
+        kind = _kind(node)
+        if kind is None:
+            out.unknown[_op_name(node)] += 1
+            continue
+        cost = _node_cost(walk, node, kind)
+        cost.layer = layer_index(module_path(node)) if module_path else None
+        out.nodes.append(cost)
     return out
