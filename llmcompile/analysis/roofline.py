@@ -3,10 +3,9 @@
 Each node takes ``max(flops / peak, bytes / bandwidth)``; weights streamed by a matmul go at
 the speed its kernel was measured to reach at that size (a float GEMV, an int8 or int4 packed
 kernel: on a CPU these are not all bandwidth-bound, and small matrices pay a latency floor),
-everything else at the machine's read bandwidth. A
-step adds ``launches × launch_s + call_s``: the time a compiled call spends outside kernels
-(wrapper, guards, kernel launches), fitted once from measured decode steps of small models
-whose kernels take no time to speak of.
+everything else at the machine's read bandwidth. A step adds ``launches × launch_s + call_s``:
+the time a compiled call spends outside kernels (wrapper, guards, kernel launches), fitted once
+from measured decode steps of small models whose kernels take no time to speak of.
 """
 
 from __future__ import annotations

@@ -25,7 +25,7 @@ from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex
 
 from .. import _compat
 from ..core.pattern import arguments
-from ..ops import attention_keep
+from ..ops import attention_keep, keep_pairs
 
 __all__ = ["block_mask", "from_blocks", "lower_sparse_attention", "sparse_attention",
            "window_block_mask"]
@@ -39,14 +39,7 @@ def _mask_mod(s: int, t: int, window: int, sinks: int, block: int, local: int, s
     offset = t - s  # queries are the last s positions (bottom-right aligned)
 
     def keep(b, h, q_idx, kv_idx):
-        q = q_idx + offset
-        ok = kv_idx <= q
-        if window:
-            ok = ok & ((q - kv_idx < window) | (kv_idx < sinks))
-        if block:
-            near = q // block - kv_idx // block < local
-            ok = ok & (near | ((kv_idx // block + 1) % stride == 0) if stride else near)
-        return ok
+        return keep_pairs(q_idx + offset, kv_idx, True, window, sinks, block, local, stride)
     return keep
 
 

@@ -15,7 +15,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 __all__ = ["add_rms_norm", "attention", "attention_keep", "gelu_mul", "group_query_attention",
-           "int4_linear", "int8_linear", "matmul_nbits", "rms_norm", "rotary", "silu_mul"]
+           "int4_linear", "int8_linear", "keep_pairs", "matmul_nbits", "rms_norm", "rotary",
+           "silu_mul"]
 
 _lib = torch.library.Library("llmcompile", "DEF")  # noqa: TOR901 - one library, defined here
 
@@ -80,6 +81,14 @@ def attention_keep(s: int, t: int, device: torch.device | str = "cpu", causal: b
     """The bool ``[S, T]`` keep-mask of a description (True = attend), bottom-right aligned."""
     qpos = torch.arange(s, device=device).unsqueeze(-1) + (t - s)  # [S, 1]
     kpos = torch.arange(t, device=device).unsqueeze(0)  # [1, T]
+    return keep_pairs(qpos, kpos, causal, window, sinks, block, local_blocks, vertical_stride)
+
+
+def keep_pairs(qpos: Tensor, kpos: Tensor, causal: bool = True, window: int = 0, sinks: int = 0,
+               block: int = 0, local_blocks: int = 0, vertical_stride: int = 0) -> Tensor:
+    """Whether query position ``qpos`` attends to key position ``kpos`` (broadcasting), under
+    a mask description: the one definition the reference and FlexAttention's ``mask_mod``
+    share."""
     keep = kpos <= qpos if causal else torch.ones_like(kpos, dtype=torch.bool)
     if window > 0:
         keep = keep & ((qpos - kpos < window) | (kpos < sinks))
