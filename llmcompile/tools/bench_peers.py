@@ -99,17 +99,12 @@ def graph_costs(net: torch.nn.Module, prompt: torch.Tensor, new_tokens: int,
                 dtype: torch.dtype) -> list:
     """Cost-model costs of the graphs plain Inductor compiles for ``net`` (prefill, decode):
     captured by a recording backend, canonicalized, no passes, not compiled."""
-    from ..backend import compile_graph, parse_options
     from ..core.recipe import Recipe
+    from .explain import recorder
 
-    recipe, flags = parse_options({"recipe": Recipe(name="plain inductor")})
-    reports = []
-
-    def record(gm, inputs, **_):
-        reports.append(compile_graph(gm, inputs, recipe, flags, lower=False)[1])
-        return gm.forward
-
-    forward = torch.compile(copy.deepcopy(net).forward, backend=record, dynamic=False)
+    reports: list = []
+    forward = torch.compile(copy.deepcopy(net).forward, dynamic=False,
+                            backend=recorder(Recipe(name="plain inductor"), reports))
     Runner(forward, net, prompt, min(new_tokens, 2), dtype).run()
     return [r.cost.after for r in reports if r.cost is not None]
 

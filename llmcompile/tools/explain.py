@@ -8,6 +8,7 @@ back to plain Inductor is reported with the step and the cause (``Report.fallbac
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -15,10 +16,10 @@ import torch
 
 from .. import _compat
 from ..core.pipeline import Report
-from ..core.recipe import RecipeError
+from ..core.recipe import Recipe, RecipeError
 from ..registry import resolve_recipe
 
-__all__ = ["explain", "load_model"]
+__all__ = ["explain", "load_model", "recorder"]
 
 
 def load_model(spec: Any) -> torch.nn.Module:
@@ -56,24 +57,31 @@ def _default_inputs(model: torch.nn.Module, prompt_len: int) -> dict[str, torch.
     return {"input_ids": ids, "use_cache": False}
 
 
+def recorder(recipe: Recipe, reports: list[Report], *, lower: bool = False,
+             tokenizer: Any = None) -> Callable:
+    """A Dynamo backend running the backend's capture and pipeline (and the lowering when
+    ``lower``) on every graph, appending its report to ``reports``, and then running the graph
+    uncompiled (falling back where the pipeline would)."""
+    from ..backend import compile_graph
+
+    def backend(gm, inputs, **_):
+        flags = {"fallback": True, "tokenizer": tokenizer}
+        reports.append(compile_graph(gm, inputs, recipe, flags, lower=lower)[1])
+        return gm.forward
+    return backend
+
+
 def explain(model: Any, recipe: Any = None, example_inputs: Any = None, prompt_len: int = 16,
             *, lower: bool | None = None, tokenizer: Any = None) -> list[Report]:
     """Reports (one per captured graph) of what ``recipe`` does to ``model``, fallbacks
     included; ``lower`` (default: only for target ``onnxruntime``) also runs the lowering."""
-    from ..backend import compile_graph
-
     recipe = resolve_recipe(recipe)
     module = load_model(model)
     lower = recipe.target == "onnxruntime" if lower is None else lower
     if tokenizer is None:
         tokenizer = _compat.tokenizer_path(module)
     reports: list[Report] = []
-
-    def backend(gm, inputs, **_):
-        flags = {"fallback": True, "tokenizer": tokenizer}
-        reports.append(compile_graph(gm, inputs, recipe, flags, lower=lower)[1])
-        return gm.forward
-
+    backend = recorder(recipe, reports, lower=lower, tokenizer=tokenizer)
     torch.compiler.reset()
     compiled = torch.compile(module, backend=backend, fullgraph=True)
     kwargs = example_inputs if example_inputs is not None else _default_inputs(module, prompt_len)
