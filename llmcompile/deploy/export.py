@@ -149,6 +149,23 @@ def capture_causal_lm(module, geometry: dict) -> tuple[Any, tuple, tuple]:
     return ep, args, dynamic
 
 
+def capture_program(module, geometry: dict) -> tuple[Any, tuple, tuple]:
+    """The file's program: :func:`capture_causal_lm` with attention as one causal
+    ``llmcompile.attention`` per layer, as a :class:`Program` (module paths as in the model),
+    its example args and dynamic shapes. Raises when a layer computes attention by hand (its
+    causal mask would be lost)."""
+    with _causal_attention(module):
+        ep, args, dynamic = capture_causal_lm(module, geometry)
+    layers = geometry["layers"]
+    routed = sum(n.target is torch.ops.llmcompile.attention.default for n in ep.graph.nodes)
+    if routed != layers:
+        raise OnnxLoweringError(
+            f"{type(module).__name__}: {routed} of {layers} layers run attention through "
+            "transformers' attention interface; the others compute it by hand and would lose "
+            "their causal mask, so this architecture cannot be exported")
+    return capture_export(ep, root="model."), args, dynamic  # _CausalLM.model: model paths
+
+
 def write_sidecar(path: Path, module, **extra: Any) -> dict[str, Any]:
     """``<name>.llmcompile.json`` beside ``path``: geometry, dtype, I/O names (the runner's)."""
     geometry = _geometry(module.config)
@@ -206,15 +223,7 @@ def export(model: torch.nn.Module, path: str | Path, recipe: Recipe, *, tokenize
     dtype, device = _dtype_device(module)
     log.info("llmcompile export: capturing %s (%d layers) with torch.export",
              type(module).__name__, layers)
-    with _causal_attention(module):
-        ep, args, dynamic = capture_causal_lm(module, geometry)
-    routed = sum(n.target is torch.ops.llmcompile.attention.default for n in ep.graph.nodes)
-    if routed != layers:
-        raise OnnxLoweringError(
-            f"{type(module).__name__}: {routed} of {layers} layers run attention through "
-            "transformers' attention interface; the others compute it by hand and would lose "
-            "their causal mask, so this architecture cannot be exported")
-    program = capture_export(ep, root="model.")  # _CausalLM.model: paths as in the model
+    program, args, dynamic = capture_program(module, geometry)
     program.context.update(target="onnxruntime", tokenizer=tokenizer)
     program.example_inputs = _calibration_inputs(program, geometry, dtype, device)
     log.info("llmcompile export: running recipe %r", recipe.name)

@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Any
 
 import sympy
-import torch
 
 from ..analysis.cost import B, Cost, GraphCost, P, S
 from ..analysis.delta import CostObserver
@@ -93,21 +92,14 @@ class CostReport:
 
 def _capture(module):
     """The export-style program of a causal LM and the renaming of its size symbols."""
-    from ..core.program import capture_export
-    from ..deploy.export import _causal_attention, _geometry, capture_causal_lm
+    from ..deploy.export import _geometry, capture_program
 
     try:
-        with _causal_attention(module):
-            ep, _, _ = capture_causal_lm(module, _geometry(module.config))
+        program, _, _ = capture_program(module, _geometry(module.config))
     except Exception as e:  # noqa: BLE001 - say what cannot be costed, not where torch failed
         raise ValueError(f"cannot cost {type(module).__name__}: capturing it with a KV cache "
                          f"(as llmcompile.export does) failed: {str(e).splitlines()[0][:300]}"
                          ) from e
-    program = capture_export(ep, root="model.")
-    if not any(n.target is torch.ops.llmcompile.attention.default for n in program.graph.nodes):
-        raise ValueError(f"cannot cost {type(module).__name__}: its attention does not go "
-                         "through transformers' attention interface, so the capture has no "
-                         "attention op to cost")
     user = [n for n in program.graph.nodes if n.op == "placeholder" and not program.is_weight(n)]
     ids, past = user[0].meta["val"], user[2].meta["val"] if len(user) > 2 else None
     rename = {ids.shape[0].node.expr: B, ids.shape[1].node.expr: S}
