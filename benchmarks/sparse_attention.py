@@ -31,13 +31,10 @@ from llmcompile.ops import cpu
 from llmcompile.tools.models import load_smollm2
 
 
-def _median_s(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+def _seconds(fn, **kwargs) -> float:
+    start = time.perf_counter()
+    fn(**kwargs)
+    return time.perf_counter() - start
 
 
 def prefill(lengths: list[int], repeats: int) -> None:
@@ -57,7 +54,7 @@ def prefill(lengths: list[int], repeats: int) -> None:
             times = {name: [] for name in runs}
             for _ in range(repeats):  # interleaved
                 for name, fn in runs.items():
-                    times[name].append(_median_s(lambda f=fn, kw=kwargs: f(**kw), 1))
+                    times[name].append(_seconds(fn, **kwargs))
         dense, window = (statistics.median(times[n]) * 1e3 for n in ("dense", "window"))
         print(f"{length:>7} {dense:>10.0f} {window:>10.0f} {dense / window:>7.2f}x", flush=True)
 
