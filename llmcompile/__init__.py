@@ -6,6 +6,8 @@
 Public API (everything else may move):
   compile, explain          -- compile a model / callable, or report what the rules would do
   cost                      -- closed-form FLOPs / bytes of prefill and decode, predicted speed
+  generate                  -- greedy generation through compiled graphs (self-speculative with
+                               an early-exit recipe); prompt + new token ids, like HF generate
   export                    -- write an ONNX file (KV-cache I/O, contrib ops) for deployment
   OnnxCausalLM              -- run such a file (greedy generation) with onnxruntime
   SinkCache                 -- a bounded KV cache (attention sinks + sliding window) for generate
@@ -32,6 +34,7 @@ __version__ = "0.1.0"
 __all__ = [
     "Match", "PassConfig", "Recipe", "RecipeError", "Reject", "Report", "Rule", "RuleSet",
     "OnnxCausalLM", "SinkCache", "UserRules", "compile", "cost", "explain", "export",
+    "generate",
     "load_recipe", "ops", "presets",
 ]
 
@@ -65,6 +68,22 @@ def export(model: Any, path: Any, recipe: Any = None, **kwargs: Any):
     from .tools.explain import load_model
 
     return _export(load_model(model), path, load_recipe(recipe), **kwargs)
+
+
+def generate(model: Any, input_ids: Any, recipe: Any = None, *, max_new_tokens: int = 32,
+             eos_token_id: int | None = None, tokenizer: Any = None,
+             return_stats: bool = False):
+    """Greedy generation through ``model``'s graphs compiled under ``recipe`` (compiled once
+    per model and recipe, then reused): the prompt and new token ids ``[1, prompt + new]``,
+    like ``model.generate``. With an ``early_exit`` recipe it is self-speculative (the same
+    tokens as the full model, drafted by the first layers) or confident early exit (lossy).
+    ``return_stats``: also return :class:`~llmcompile.deploy.generate.GenerationStats`
+    (tokens/s, acceptance rate, tokens per verification, layers per token)."""
+    from .tools.generate import generate as _generate
+
+    ids, stats = _generate(model, input_ids, recipe, max_new_tokens=max_new_tokens,
+                           eos_token_id=eos_token_id, tokenizer=tokenizer)
+    return (ids, stats) if return_stats else ids
 
 
 def cost(model: Any, recipe: Any = None, **kwargs: Any):

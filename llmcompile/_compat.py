@@ -39,6 +39,7 @@ __all__ = [
     "causal_lm_model_types",
     "dynamo_counters",
     "recompile_limit",
+    "set_cache_length",
     "tokenizer_path",
 ]
 
@@ -131,6 +132,19 @@ def dynamo_counters() -> tuple[int, int]:
     from torch._dynamo.utils import counters
 
     return int(counters["stats"]["unique_graphs"]), int(sum(counters["graph_break"].values()))
+
+
+def set_cache_length(cache, length: int) -> None:
+    """Roll every layer of a transformers ``StaticCache`` to ``length`` valid positions.
+
+    transformers 5.2x writes each layer at its own ``cumulative_length`` counter (not at
+    ``cache_position``); older releases write at ``cache_position`` and have no counter, where
+    this is a no-op. Later positions stay stale but masked, and the next write replaces them.
+    """
+    for layer in getattr(cache, "layers", ()):
+        counter = getattr(layer, "cumulative_length", None)
+        if isinstance(counter, torch.Tensor):
+            counter.fill_(length)
 
 
 @contextlib.contextmanager

@@ -19,11 +19,13 @@ __all__ = ["pass_registry", "presets", "resolve_recipe"]
 
 def pass_registry() -> dict[str, type[PassConfig]]:
     """Every pass a recipe may name."""
+    from .passes.early_exit import EarlyExitConfig
     from .passes.fusion import FuseConfig
     from .passes.quantize import QuantizeConfig
     from .passes.sparse_attention import SparseAttentionConfig
 
-    return {c.name: c for c in (FuseConfig, SparseAttentionConfig, QuantizeConfig, UserRules)}
+    return {c.name: c for c in (FuseConfig, SparseAttentionConfig, QuantizeConfig, EarlyExitConfig,
+                                       UserRules)}
 
 
 _recipe.set_default_registry(pass_registry)

@@ -31,7 +31,8 @@ aten_embedding = torch.ops.aten.embedding.default
 
 __all__ = ["PHASES", "PassRun", "Report", "UserRules", "run_pipeline"]
 
-PHASES = ("canonicalize", "fuse", "sparse_attention", "quantize", "early_exit", "cleanup")
+#: early_exit cuts layers before fusion, while every layer boundary is still one value
+PHASES = ("canonicalize", "early_exit", "fuse", "sparse_attention", "quantize", "cleanup")
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 
 from ..core.recipe import RecipeError
 from ..registry import presets, resolve_recipe
@@ -63,18 +62,6 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
-def _generate(args: argparse.Namespace) -> int:
-    from ..deploy.runner import OnnxCausalLM
-
-    lm = OnnxCausalLM(args.model, threads=args.threads)
-    from ..quant.calibrate import load_tokenizer
-
-    tokenizer = load_tokenizer(args.model.parent)
-    ids = tokenizer(args.prompt).input_ids
-    print(tokenizer.decode(lm.generate(ids, args.max_new_tokens)))
-    return 0
-
-
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="llmcompile", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -111,12 +98,12 @@ def _parser() -> argparse.ArgumentParser:
                    help="emit the contrib ops this provider runs")
     p.set_defaults(func=_export)
 
-    p = sub.add_parser("generate", help="greedy generation with an exported ONNX file")
-    p.add_argument("model", type=Path, help="the .onnx file written by `llmcompile export`")
-    p.add_argument("--prompt", required=True)
-    p.add_argument("--max-new-tokens", type=int, default=32)
-    p.add_argument("--threads", type=int, default=None)
-    p.set_defaults(func=_generate)
+    from . import generate
+
+    p = sub.add_parser("generate", help="greedy generation: a model through its compiled "
+                       "graphs (self-speculative with an early-exit recipe), or an ONNX file")
+    generate.add_arguments(p)
+    p.set_defaults(func=generate.main)
 
     from . import cost, machine
 

@@ -1,0 +1,295 @@
+"""Greedy generation through compiled graphs: plain, self-speculative, or with confident exit.
+
+    ids = llmcompile.generate(model, input_ids, recipe="early-exit", max_new_tokens=64)
+
+The graphs of one model under one recipe are compiled once and kept (:func:`session`):
+prefill (automatic dynamic shapes), the full one-token step, the verification step of
+``draft_tokens + 1`` tokens and the draft / exit graphs (static shapes), all over one static
+KV cache. Per token the loop does the compiled step and an argmax, nothing else.
+
+- no ``early_exit`` pass: plain greedy decoding (like for like with the other modes);
+- ``mode = "speculative"``: the draft graph (first ``L`` layers + exit head) proposes
+  ``draft_tokens`` tokens one by one, the full graph verifies them in one forward, the longest
+  agreeing prefix plus the full model's own next token are kept and the cache is rolled back
+  to them. The output is token for token the full model's greedy output;
+- ``mode = "confident"``: each token tries the exits in order and stops at the first whose top
+  probability reaches ``threshold``; the layers it skipped get their K/V for that position from
+  the exit hidden state (CALM), else the full model runs. Lossy.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import logging
+import time
+import weakref
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .. import _compat
+from ..core.recipe import Recipe, RecipeError
+
+log = logging.getLogger("llmcompile")
+
+__all__ = ["GenerationStats", "Session", "early_exit_config", "generate", "session"]
+
+_CACHE_BUCKET = 256
+#: Dynamo's per-function limit while generating: every session compiles the same forward
+#: (prefill, dynamic prefill, step, verification, one per exit)
+_RECOMPILES = 64
+
+
+@dataclass
+class GenerationStats:
+    """What one :func:`generate` call did."""
+
+    mode: str = "greedy"
+    prompt_tokens: int = 0
+    new_tokens: int = 0
+    prefill_s: float = 0.0
+    decode_s: float = 0.0
+    #: speculative: full-model forwards after the prefill; drafted / accepted draft tokens
+    verifications: int = 0
+    drafted: int = 0
+    accepted: int = 0
+    #: confident: tokens that stopped at each exit (layer -> count); decoder layers run per
+    #: token on average (an exit counts its layers, a full step all of them)
+    exits: dict[int, int] = field(default_factory=dict)
+    depth: int = 0
+    layers_run: int = 0
+    num_layers: int = 0
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.accepted / self.drafted if self.drafted else 0.0
+
+    @property
+    def tokens_per_verification(self) -> float:
+        return self.new_tokens / self.verifications if self.verifications else 0.0
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.new_tokens / self.decode_s if self.decode_s else 0.0
+
+    @property
+    def mean_layers(self) -> float:
+        """Layers each token went through before its exit (the full model: all of them)."""
+        return self.depth / self.new_tokens if self.new_tokens else 0.0
+
+    @property
+    def mean_layers_run(self) -> float:
+        """Decoder layers computed per token (a token that tried an exit in vain pays for it)."""
+        return self.layers_run / self.new_tokens if self.new_tokens else 0.0
+
+    def format(self) -> str:
+        line = (f"{self.mode}: {self.new_tokens} new tokens in {self.decode_s:.2f} s "
+                f"({self.tokens_per_s:.1f} tok/s), prefill {self.prefill_s * 1000:.0f} ms")
+        if self.mode == "speculative":
+            line += (f"; acceptance {self.acceptance_rate:.0%}, "
+                     f"{self.tokens_per_verification:.2f} tokens per verification")
+        if self.mode == "confident":
+            line += (f"; exits at {self.mean_layers:.1f} of {self.num_layers} layers per "
+                     f"token ({self.mean_layers_run:.1f} computed), exits "
+                     f"{dict(sorted(self.exits.items()))}")
+        return line
+
+
+def early_exit_config(recipe: Recipe):
+    """The recipe's ``early_exit`` pass config, or None."""
+    found = [p for p in recipe.passes if p.name == "early_exit"]
+    if len(found) > 1:
+        raise RecipeError("a recipe may have one early_exit pass")
+    return found[0] if found else None
+
+
+def _num_layers(model: torch.nn.Module) -> int:
+    config = model.config.get_text_config(decoder=True)
+    return int(config.num_hidden_layers)
+
+
+def _with_exit(recipe: Recipe, config, **changes) -> Recipe:
+    passes = tuple(dataclasses.replace(p, **changes) if p is config else p
+                   for p in recipe.passes)
+    return dataclasses.replace(recipe, passes=passes)
+
+
+class Session:
+    """The compiled graphs of one model under one recipe, and their static KV cache."""
+
+    def __init__(self, model: torch.nn.Module, recipe: Recipe, tokenizer: Any = None,
+                 adapters: dict[int, str] | None = None):
+        self.model = model
+        self.recipe = recipe
+        self.num_layers = _num_layers(model)
+        self.exit = early_exit_config(recipe)
+        if self.exit is not None:
+            self.exit.check_model(self.num_layers)
+        self.cache_kw = _compat.cache_kwarg(model)
+        self._keep = "logits_to_keep" in inspect.signature(model.forward).parameters
+        options: dict[str, Any] = {"fallback": False}
+        if tokenizer is not None:
+            options["tokenizer"] = tokenizer
+        full = recipe if self.exit is None else _with_exit(recipe, self.exit, graph="full")
+
+        def compiled(r: Recipe, dynamic: bool | None):
+            return torch.compile(model.forward, backend="llmcompile", dynamic=dynamic,
+                                 options={**options, "recipe": r})
+        self.prefill = compiled(full, None)
+        self.step = compiled(full, False)
+        self.exits: dict[int, Any] = {}
+        if self.exit is not None:
+            mode = self.exit.mode
+            layers = self.exit.layers[:1] if mode == "speculative" else self.exit.layers
+            for layer in layers:
+                changes: dict[str, Any] = {"graph": "draft", "layers": (layer,)}
+                if self.exit.head == "distilled":
+                    changes["adapter"] = (adapters or {})[layer]
+                self.exits[layer] = compiled(_with_exit(recipe, self.exit, **changes), False)
+        self.cache = None
+        self.max_len = 0
+
+    # ------------------------------------------------------------------ steps
+
+    def _cache_for(self, length: int):
+        if self.cache is None or self.max_len < length:
+            from transformers import StaticCache
+
+            self.max_len = -(-length // _CACHE_BUCKET) * _CACHE_BUCKET
+            self.cache = StaticCache(config=self.model.config, max_cache_len=self.max_len)
+        else:
+            self.cache.reset()
+        return self.cache
+
+    def _run(self, fn, ids: torch.Tensor, start: int, keep: int = 1) -> torch.Tensor:
+        """Logits of ``ids`` [1, n] placed at positions ``start..start+n-1``."""
+        _compat.set_cache_length(self.cache, start)
+        extra = {"logits_to_keep": keep} if self._keep else {}
+        positions = torch.arange(start, start + ids.shape[1])
+        out = fn(input_ids=ids, cache_position=positions, use_cache=True,
+                 **{self.cache_kw: self.cache}, **extra)
+        return out.logits[0]
+
+    # ------------------------------------------------------------------ decoding loops
+
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int,
+                 eos_token_id: int | None = None) -> tuple[torch.Tensor, GenerationStats]:
+        ids = torch.as_tensor(input_ids)
+        if ids.dim() == 1:
+            ids = ids[None]
+        if ids.shape[0] != 1:
+            raise ValueError(f"llmcompile.generate decodes one prompt at a time, got a batch "
+                             f"of {ids.shape[0]}")
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+        with _compat.recompile_limit(_RECOMPILES):
+            return self._generate(ids, max_new_tokens, eos_token_id)
+
+    def _generate(self, ids, max_new_tokens, eos_token_id):
+        prompt = ids.shape[1]
+        draft = self.exit.draft_tokens if self.exit is not None else 0
+        self._cache_for(prompt + max_new_tokens + draft + 1)
+        mode = "greedy" if self.exit is None else self.exit.mode
+        stats = GenerationStats(mode=mode, prompt_tokens=prompt, num_layers=self.num_layers)
+        start = time.perf_counter()
+        first = int(self._run(self.prefill, ids, 0)[-1].argmax())
+        stats.prefill_s = time.perf_counter() - start
+        loop = {"greedy": self._greedy, "speculative": self._speculative,
+                "confident": self._confident}[mode]
+        start = time.perf_counter()
+        out = loop(first, prompt, max_new_tokens, eos_token_id, stats)
+        stats.decode_s = time.perf_counter() - start
+        stats.new_tokens = len(out)
+        return torch.cat([ids, torch.tensor([out], dtype=ids.dtype)], dim=1), stats
+
+    def _greedy(self, token, pos, budget, eos, stats) -> list[int]:
+        out = [token]
+        while len(out) < budget and token != eos:
+            token = int(self._run(self.step, torch.tensor([[token]]), pos)[-1].argmax())
+            out.append(token)
+            pos += 1
+        stats.layers_run = stats.depth = len(out) * self.num_layers
+        return out
+
+    def _speculative(self, token, pos, budget, eos, stats) -> list[int]:
+        (layer, draft_fn), = self.exits.items()
+        k = self.exit.draft_tokens
+        out = [token]
+        while len(out) < budget and token != eos:
+            drafts, t = [], token
+            for i in range(k):
+                t = int(self._run(draft_fn, torch.tensor([[t]]), pos + i)[-1].argmax())
+                drafts.append(t)
+            block = torch.tensor([[token, *drafts]])
+            verified = self._run(self.step, block, pos, keep=0).argmax(-1).tolist()
+            accepted = 0
+            while accepted < k and drafts[accepted] == verified[accepted]:
+                accepted += 1
+            stats.verifications += 1
+            stats.drafted += k
+            stats.accepted += accepted
+            for t in verified[:accepted + 1]:
+                out.append(t)
+                if t == eos or len(out) >= budget:
+                    break
+            token = out[-1]
+            pos += accepted + 1
+        _compat.set_cache_length(self.cache, pos)
+        stats.layers_run = (stats.verifications + 1) * self.num_layers + stats.drafted * layer
+        stats.depth = len(out) * self.num_layers
+        return out
+
+    def _confident(self, token, pos, budget, eos, stats) -> list[int]:
+        out = [token]  # from the prefill: the full model
+        stats.depth = stats.layers_run = self.num_layers
+        while len(out) < budget and token != eos:
+            token, layers = self.confident_step(token, pos, stats)[0]
+            out.append(token)
+            pos += 1
+        return out
+
+    def confident_step(self, token: int, pos: int, stats: GenerationStats
+                       ) -> tuple[tuple[int, int], torch.Tensor]:
+        """One confident-exit step for ``token`` at ``pos``: ((next token, layers run), the
+        log-probabilities the token was chosen from)."""
+        threshold = self.exit.threshold
+        ids = torch.tensor([[token]])
+        for layer, fn in self.exits.items():
+            logp = self._run(fn, ids, pos)[-1].float().log_softmax(-1)
+            stats.layers_run += layer
+            top = logp.max()
+            if float(top.exp()) >= threshold:
+                stats.exits[layer] = stats.exits.get(layer, 0) + 1
+                stats.depth += layer
+                return (int(logp.argmax()), layer), logp
+        logp = self._run(self.step, ids, pos)[-1].float().log_softmax(-1)
+        stats.layers_run += self.num_layers
+        stats.exits[self.num_layers] = stats.exits.get(self.num_layers, 0) + 1
+        stats.depth += self.num_layers
+        return (int(logp.argmax()), self.num_layers), logp
+
+
+_sessions: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def session(model: torch.nn.Module, recipe: Recipe, tokenizer: Any = None,
+            adapters: dict[int, str] | None = None) -> Session:
+    """The :class:`Session` of ``model`` under ``recipe`` (compiled once, then reused)."""
+    per_model = _sessions.setdefault(model, {})
+    key = (recipe.fingerprint(), tuple(sorted((adapters or {}).items())))
+    if key not in per_model:
+        per_model[key] = Session(model, recipe, tokenizer, adapters)
+    return per_model[key]
+
+
+def generate(model: torch.nn.Module, input_ids: Any, recipe: Recipe, *,
+             max_new_tokens: int = 32, eos_token_id: int | None = None, tokenizer: Any = None,
+             adapters: dict[int, str] | None = None
+             ) -> tuple[torch.Tensor, GenerationStats]:
+    """Greedy generation of ``max_new_tokens`` tokens (fewer at ``eos_token_id``) through the
+    compiled graphs of ``model`` under ``recipe``: ``(ids [1, prompt + new], stats)``."""
+    return session(model, recipe, tokenizer, adapters).generate(
+        input_ids, max_new_tokens, eos_token_id)
