@@ -33,6 +33,7 @@ __all__ = [
     "inductor_config",
     "mode_options",
     "no_tracing_context",
+    "real_tensors",
     "same_shape",
     "trace_aten",
     "cache_kwarg",
@@ -88,6 +89,17 @@ def mode_options(mode: str | None) -> dict[str, Any]:
 def no_tracing_context():
     """Run ``torch.export`` inside a backend without polluting Dynamo's guards."""
     return torch._guards.tracing(None)
+
+
+def real_tensors():
+    """Make real tensors inside a backend (loading a file, computing a constant): the fake mode
+    Dynamo traces under is suspended."""
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+    stack = contextlib.ExitStack()
+    stack.enter_context(unset_fake_temporarily())
+    stack.enter_context(torch._guards.tracing(None))  # torch.load reads the tracing context
+    return stack
 
 
 def same_shape(a: Sequence, b: Sequence) -> bool:

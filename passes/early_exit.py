@@ -29,11 +29,11 @@ from typing import ClassVar, Literal
 import torch
 import torch.fx as fx
 
+from llmcompile import _compat
 from llmcompile.analysis.cost import layer_index
 from llmcompile.core.recipe import PassConfig, RecipeError
-from llmcompile.core.rules import Reject
 
-__all__ = ["EarlyExitConfig", "ExitCut", "cut_at_exit", "find_layers"]
+__all__ = ["CutError", "EarlyExitConfig", "ExitCut", "cut_at_exit", "find_layers"]
 
 _HEADS = ("shared", "distilled")
 _MODES = ("speculative", "confident")
@@ -54,7 +54,8 @@ class EarlyExitConfig(PassConfig):
     threshold: float = 0.9
     #: rank of the distilled adapter (``head = "distilled"``)
     rank: int = 64
-    #: the adapter file (``head = "distilled"``); empty: the cache folder, keyed by model
+    #: the adapter file (``head = "distilled"``; ``{layer}`` is replaced by the exit); empty:
+    #: llmcompile.generate keeps it in the cache folder, keyed by the model
     adapter: str = ""
     #: which graph this compile builds: "full" (the model; what torch.compile gets) or
     #: "draft" (the first layers + exit head; llmcompile.generate builds both)
@@ -110,7 +111,7 @@ class EarlyExitConfig(PassConfig):
         try:
             cut = cut_at_exit(program, self.exit_layer, fill_kv=self.mode == "confident",
                               adapter=self.adapter_weights(program))
-        except Reject as e:
+        except CutError as e:
             stats.rules["early_exit"].near_misses.append(("graph", str(e)))
             raise RecipeError(f"early_exit: cannot cut this graph after layer "
                               f"{self.exit_layer}: {e}") from None
@@ -120,14 +121,24 @@ class EarlyExitConfig(PassConfig):
                            + (", their K/V filled from the exit" if cut.fill_kv else "") + ")")
 
     def adapter_weights(self, program) -> tuple[torch.Tensor, torch.Tensor] | None:
-        if self.head == "shared":
+        """The distilled adapter ``(down, up)`` of the exit, read from ``adapter``."""
+        if self.head == "shared" or self.graph == "full":
             return None
-        adapters = program.context.get("exit_adapters") or {}
-        if self.exit_layer in adapters:
-            return adapters[self.exit_layer]
-        raise RecipeError(f"early_exit: head 'distilled' needs the trained adapter for layer "
-                          f"{self.exit_layer}; llmcompile.generate trains it on first use "
-                          "(or call llmcompile.deploy.exit_heads.train_adapter)")
+        path = self.adapter.format(layer=self.exit_layer)
+        if not path:
+            raise RecipeError("early_exit: head 'distilled' needs its trained adapter file "
+                              "(adapter = ...); llmcompile.generate trains and stores it on "
+                              "first use (llmcompile.deploy.exit_heads.train_adapter)")
+        try:
+            with _compat.real_tensors():
+                data = torch.load(path, map_location="cpu", weights_only=True)
+        except FileNotFoundError:
+            raise RecipeError(f"early_exit.adapter: {path!r} does not exist") from None
+        return data["down"], data["up"]
+
+
+class CutError(ValueError):
+    """The graph has no single value at the layer boundary (or too few layers)."""
 
 
 @dataclass
@@ -166,7 +177,7 @@ def _hidden_input(program, consumers: list[fx.Node], producer_layer: int | None,
     found = {a for n in consumers for a in n.all_input_nodes
              if _layer_of(program, a) == producer_layer and _is_hidden(a)}
     if len(found) != 1:
-        raise Reject(f"{where} reads {len(found)} hidden states from layer {producer_layer} "
+        raise CutError(f"{where} reads {len(found)} hidden states from layer {producer_layer} "
                      "(expected exactly one)")
     return found.pop()
 
@@ -204,7 +215,7 @@ def cut_at_exit(program, exit_layer: int, *, fill_kv: bool = False,
     layers = find_layers(program)
     count = len(layers)
     if exit_layer < 1 or exit_layer >= count:
-        raise Reject(f"exit after {exit_layer} layers: the graph has {count} layers")
+        raise CutError(f"exit after {exit_layer} layers: the graph has {count} layers")
     hidden = _hidden_input(program, layers[exit_layer], exit_layer - 1,
                            f"layer {exit_layer}")
     last = max(layers)
@@ -249,10 +260,13 @@ def _insert_adapter(program, hidden: fx.Node, adapter) -> fx.Node:
     down, up = adapter
     aten = torch.ops.aten
     graph = program.graph
+    dtype = hidden.meta["val"].dtype
+    with _compat.real_tensors():
+        down, up = down.detach().to(dtype).contiguous(), up.detach().to(dtype).contiguous()
     with graph.inserting_after(hidden):
-        d = program.add_constant(down.detach().to(hidden.meta["val"].dtype), "exit_down")
+        d = program.add_constant(down, "exit_down")
     with graph.inserting_after(d):
-        u = program.add_constant(up.detach().to(hidden.meta["val"].dtype), "exit_up")
+        u = program.add_constant(up, "exit_up")
     with graph.inserting_after(u):
         low = graph.call_function(aten.matmul.default, (hidden, d))
     with graph.inserting_after(low):
@@ -260,18 +274,9 @@ def _insert_adapter(program, hidden: fx.Node, adapter) -> fx.Node:
     with graph.inserting_after(delta):
         out = graph.call_function(aten.add.Tensor, (hidden, delta))
     val = hidden.meta["val"]
-    with program.fake_mode or _null():
-        low.meta["val"] = torch.matmul(val, d.meta["val"])
-        delta.meta["val"] = torch.matmul(low.meta["val"], u.meta["val"])
-        out.meta["val"] = val + delta.meta["val"]
+    low.meta["val"] = val.new_empty((*val.shape[:-1], down.shape[1]))
+    delta.meta["val"] = val.new_empty(val.shape)
+    out.meta["val"] = val.new_empty(val.shape)
     for node in (low, delta, out):
         node.meta["nn_module_stack"] = {}
     return out
-
-
-class _null:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False

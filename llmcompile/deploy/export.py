@@ -10,14 +10,25 @@ The model is captured with ``torch.export`` while its attention runs through
 ``llmcompile.attention`` (causal, no mask tensor), the recipe's passes run as for
 ``torch.compile``, and the result is lowered to ONNX Runtime contrib ops. Weights are written
 as external data next to the file; a ``<name>.llmcompile.json`` sidecar describes the I/O.
+
+A recipe with an ``early_exit`` pass (exit after layer ``L``) writes two files: ``<name>.onnx``,
+the full model (the verifier), and ``<name>.draft.onnx``, the draft graph (layers ``0..L-1``,
+then the model's own final norm and LM head) whose past / present are those of the first ``L``
+layers only. Both share one external data file: each draft tensor whose bytes are in
+``<name>.onnx.data`` (matched by content) points there, and only tensors of the draft alone
+(a distilled exit adapter) go to a small ``<name>.draft.onnx.data``. The sidecar's ``draft``
+section names the file, the exit layer and ``draft_tokens``; ``OnnxCausalLM`` then decodes
+self-speculatively (same tokens as greedy decoding with the full model).
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,9 +38,10 @@ import torch
 from .. import _compat
 from ..core.pipeline import PassRun, Report, run_pipeline
 from ..core.program import capture_export
-from ..core.recipe import Recipe
+from ..core.recipe import Recipe, RecipeError
 from ..lower.onnxruntime import OnnxLoweringError, model_dtype, prepare, to_onnx
 from ..ops.onnx import CPU
+from .generate import _with_exit, early_exit_config
 
 log = logging.getLogger("llmcompile")
 
@@ -44,12 +56,24 @@ class ExportResult:
     report: Report
     sidecar: dict[str, Any]
     notes: list[str] = field(default_factory=list)
+    #: an early-exit recipe's draft file (its weights in the full model's data) and report
+    draft: Path | None = None
+    draft_report: Report | None = None
 
     @property
     def size_bytes(self) -> int:
         """The ONNX file plus its external data."""
-        data = self.path.with_name(self.path.name + ".data")
-        return self.path.stat().st_size + (data.stat().st_size if data.exists() else 0)
+        return _file_bytes(self.path)
+
+    @property
+    def draft_bytes(self) -> int:
+        """What the draft adds on disk: its file and its own external data (0: no draft)."""
+        return _file_bytes(self.draft) if self.draft is not None else 0
+
+
+def _file_bytes(path: Path) -> int:
+    data = path.with_name(path.name + ".data")
+    return path.stat().st_size + (data.stat().st_size if data.exists() else 0)
 
 
 def _attention(module, query, key, value, attention_mask, dropout: float = 0.0,
@@ -129,33 +153,38 @@ def _dtype_device(module) -> tuple[torch.dtype, torch.device]:
     return dtype, device
 
 
-def capture_causal_lm(module, geometry: dict) -> tuple[Any, tuple, tuple]:
+def capture_causal_lm(module, geometry: dict, cache_layers: int | None = None
+                      ) -> tuple[Any, tuple, tuple]:
     """``torch.export`` of ``module`` with the file's I/O (:class:`_CausalLM`), dynamic batch,
-    sequence and past length: ``(exported program, example args, dynamic shapes)``."""
+    sequence and past length: ``(exported program, example args, dynamic shapes)``.
+    ``cache_layers``: past / present of the first that many layers only (an early-exit draft);
+    default all."""
     from torch.export import Dim
 
+    layers = geometry["layers"] if cache_layers is None else cache_layers
     dtype, device = _dtype_device(module)
     batch, seq, past_len = 2, 3, 4  # not 0 or 1: export would specialize those sizes
     ids = torch.randint(0, geometry["vocab_size"], (batch, seq), device=device)
     positions = (torch.arange(seq, device=device) + past_len).expand(batch, seq).contiguous()
     past = tuple(torch.randn(batch, geometry["kv_heads"], past_len, geometry["head_dim"],
-                             dtype=dtype, device=device) for _ in range(2 * geometry["layers"]))
+                             dtype=dtype, device=device) for _ in range(2 * layers))
     b, s, p = Dim("batch"), Dim("sequence"), Dim("past_sequence")
     dynamic = ({0: b, 1: s}, {0: b, 1: s}, tuple({0: b, 2: p} for _ in past))
     args = (ids, positions, past)
     with torch.no_grad():
-        ep = torch.export.export(_CausalLM(module, geometry["layers"]).eval(), args,
+        ep = torch.export.export(_CausalLM(module, layers).eval(), args,
                                  dynamic_shapes=dynamic, strict=False)
     return ep, args, dynamic
 
 
-def capture_program(module, geometry: dict) -> tuple[Any, tuple, tuple]:
+def capture_program(module, geometry: dict, cache_layers: int | None = None
+                    ) -> tuple[Any, tuple, tuple]:
     """The file's program: :func:`capture_causal_lm` with attention as one causal
     ``llmcompile.attention`` per layer, as a :class:`Program` (module paths as in the model),
     its example args and dynamic shapes. Raises when a layer computes attention by hand (its
     causal mask would be lost)."""
     with _causal_attention(module):
-        ep, args, dynamic = capture_causal_lm(module, geometry)
+        ep, args, dynamic = capture_causal_lm(module, geometry, cache_layers)
     layers = geometry["layers"]
     routed = sum(n.target is torch.ops.llmcompile.attention.default for n in ep.graph.nodes)
     if routed != layers:
@@ -220,32 +249,156 @@ def export(model: torch.nn.Module, path: str | Path, recipe: Recipe, *, tokenize
         tokenizer = _compat.tokenizer_path(module)
     geometry = _geometry(module.config)
     layers = geometry["layers"]
+    exit_config = early_exit_config(recipe)
+    if exit_config is not None:
+        exit_config.check_model(layers)
+        if exit_config.mode != "speculative":
+            raise RecipeError(f"early_exit.mode {exit_config.mode!r}: llmcompile.export writes "
+                              "the draft of self-speculative decoding (mode 'speculative') only")
+        draft_recipe = _with_exit(recipe, exit_config, graph="draft",
+                                  layers=(exit_config.exit_layer,))
+        recipe = _with_exit(recipe, exit_config, graph="full")
+    path = Path(path)
+    program, report, result = _export_graph(module, recipe, path, geometry, tokenizer,
+                                            provider)
+    if check:
+        onnx.checker.check_model(str(path), full_check=True)
+    extra: dict[str, Any] = {}
+    notes = list(result.notes)
+    draft = draft_report = None
+    if exit_config is not None:
+        draft = path.with_name(path.stem + ".draft.onnx")
+        exit_layer = exit_config.exit_layer
+        _, draft_report, draft_result = _export_graph(module, draft_recipe, draft, geometry,
+                                                      tokenizer, provider, exit_layer)
+        shared, own = _share_external_data(draft, path)
+        if check:
+            onnx.checker.check_model(str(draft), full_check=True)
+        notes += [n for n in draft_result.notes if n not in notes]
+        notes.append(f"draft {draft.name} (layers 0..{exit_layer - 1} + exit head): "
+                     f"{shared} weight bytes read from {path.name}.data, {own} of its own")
+        inputs, outputs = _names(exit_layer)
+        extra["draft"] = {"file": draft.name, "exit_layer": exit_layer,
+                          "draft_tokens": exit_config.draft_tokens, "layers": exit_layer,
+                          "inputs": inputs, "outputs": outputs,
+                          "rules": draft_report.counts()}
+    sidecar = write_sidecar(path, module, recipe=recipe.name, rules=report.counts(),
+                            weights_dtype=str(model_dtype(program)), **extra)
+    if tokenizer is not None:
+        _save_tokenizer(tokenizer, path.parent)
+    log.info("llmcompile export: done in %.0f s", time.perf_counter() - started)
+    return ExportResult(path, report, sidecar, notes, draft, draft_report)
+
+
+def _export_graph(module, recipe: Recipe, path: Path, geometry: dict, tokenizer: Any,
+                  provider: str, cache_layers: int | None = None):
+    """Capture, rewrite and write one file: ``(program, report, OnnxModel)``. ``cache_layers``:
+    the file's past / present are the first that many layers' (a draft); default all."""
+    layers = geometry["layers"] if cache_layers is None else cache_layers
     dtype, device = _dtype_device(module)
     log.info("llmcompile export: capturing %s (%d layers) with torch.export",
-             type(module).__name__, layers)
-    program, args, dynamic = capture_program(module, geometry)
+             type(module).__name__, geometry["layers"])
+    program, args, dynamic = capture_program(module, geometry, cache_layers)
     program.context.update(target="onnxruntime", tokenizer=tokenizer)
-    program.example_inputs = _calibration_inputs(program, geometry, dtype, device)
+    program.example_inputs = _calibration_inputs(program, {**geometry, "layers": layers},
+                                                 dtype, device)
     log.info("llmcompile export: running recipe %r", recipe.name)
     report = run_pipeline(program, recipe)
+    if cache_layers is not None:  # the draft: the later layers' weights are unused now
+        for node in [n for n in program.graph.nodes if n.op == "placeholder"
+                     and n.name in program.weights and not n.users]:
+            program.graph.erase_node(node)
+            del program.weights[node.name]
+        program.recompile()
     start = time.perf_counter()
     report.runs.append(PassRun("lower", "onnx_attention", prepare(program),
                                time.perf_counter() - start))
     input_names, output_names = _names(layers)
-    path = Path(path)
     log.info("llmcompile export: writing %s", path)
     result = to_onnx(program, [*args[:2], *args[2]], path, provider=provider,
                      input_names=input_names, output_names=output_names,
                      dynamic_shapes=(*dynamic[:2], *dynamic[2]))
     _rename_dims(path, layers)
-    if check:
-        onnx.checker.check_model(str(path), full_check=True)
-    sidecar = write_sidecar(path, module, recipe=recipe.name, rules=report.counts(),
-                            weights_dtype=str(model_dtype(program)))
-    if tokenizer is not None:
-        _save_tokenizer(tokenizer, path.parent)
-    log.info("llmcompile export: done in %.0f s", time.perf_counter() - started)
-    return ExportResult(path, report, sidecar, result.notes)
+    return program, report, result
+
+
+# --- one set of weights for the draft and the full model ------------------------------------
+
+def _tensors(graph) -> Iterator[Any]:
+    """Every TensorProto of an ONNX graph: initializers and node attributes, subgraphs too."""
+    yield from graph.initializer
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.HasField("t"):
+                yield attr.t
+            yield from attr.tensors
+            if attr.HasField("g"):
+                yield from _tensors(attr.g)
+            for sub in attr.graphs:
+                yield from _tensors(sub)
+
+
+def _external(path: Path) -> tuple[Any, list[tuple[Any, dict[str, str]]]]:
+    """The model at ``path`` (no weights loaded) and its tensors held in external data, each
+    with its ``location`` / ``offset`` / ``length``."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    held = [(t, {e.key: e.value for e in t.external_data}) for t in _tensors(model.graph)
+            if t.data_location == onnx.TensorProto.EXTERNAL]
+    return model, held
+
+
+def _read(folder: Path, info: dict[str, str]) -> bytes:
+    with open(folder / info["location"], "rb") as f:
+        f.seek(int(info.get("offset", 0)))
+        return f.read(int(info.get("length", -1)))
+
+
+def _point(tensor, location: str, offset: int, length: int) -> None:
+    del tensor.external_data[:]
+    for key, value in (("location", location), ("offset", offset), ("length", length)):
+        entry = tensor.external_data.add()
+        entry.key, entry.value = key, str(value)
+
+
+def _share_external_data(draft: Path, full: Path) -> tuple[int, int]:
+    """Point the draft's tensors into the full model's external data wherever their bytes are
+    the same (matched by length and SHA-256); the others, the draft's own (an adapter), go to
+    ``<draft>.data``, which is removed when there are none. Returns (shared, own) bytes."""
+    import onnx
+
+    folder = draft.parent
+    model, mine = _external(draft)
+    keys = [(len(blob), hashlib.sha256(blob).digest())
+            for blob in (_read(folder, info) for _, info in mine)]
+    lengths = {length for length, _ in keys}
+    theirs: dict[tuple[int, bytes], dict[str, str]] = {}
+    for _, info in _external(full)[1]:
+        if int(info.get("length", -1)) in lengths:
+            blob = _read(folder, info)
+            theirs.setdefault((len(blob), hashlib.sha256(blob).digest()), info)
+    own = draft.with_name(draft.name + ".data")
+    staged = own.with_name(own.name + ".tmp")
+    shared = written = 0
+    with open(staged, "wb") as out:
+        for (tensor, info), key in zip(mine, keys):
+            match = theirs.get(key)
+            if match is not None:
+                _point(tensor, match["location"], int(match.get("offset", 0)), key[0])
+                shared += key[0]
+                continue
+            out.write(b"\0" * (-out.tell() % 64))  # aligned, like the exporter's
+            _point(tensor, own.name, out.tell(), key[0])
+            out.write(_read(folder, info))
+            written += key[0]
+    own.unlink(missing_ok=True)
+    if written:
+        staged.replace(own)
+    else:
+        staged.unlink()
+    onnx.save(model, str(draft))
+    return shared, written
 
 
 def _calibration_inputs(program, geometry: dict, dtype, device, length: int = 256) -> list:

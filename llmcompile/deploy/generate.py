@@ -153,6 +153,11 @@ class Session:
 
     # ------------------------------------------------------------------ steps
 
+    def reserve(self, length: int) -> None:
+        """Size the static cache for ``length`` positions (prompt + new tokens + drafts)."""
+        if self.cache is None or self.max_len < length:
+            self._cache_for(length)
+
     def _cache_for(self, length: int):
         if self.cache is None or self.max_len < length:
             from transformers import StaticCache
@@ -279,10 +284,15 @@ def session(model: torch.nn.Module, recipe: Recipe, tokenizer: Any = None,
             adapters: dict[int, str] | None = None) -> Session:
     """The :class:`Session` of ``model`` under ``recipe`` (compiled once, then reused)."""
     per_model = _sessions.setdefault(model, {})
-    key = (recipe.fingerprint(), tuple(sorted((adapters or {}).items())))
+    config = early_exit_config(recipe)
+    # the confidence threshold changes no graph: one session serves every threshold
+    keyed = _with_exit(recipe, config, threshold=0.5) if config is not None else recipe
+    key = (keyed.fingerprint(), tuple(sorted((adapters or {}).items())))
     if key not in per_model:
         per_model[key] = Session(model, recipe, tokenizer, adapters)
-    return per_model[key]
+    found = per_model[key]
+    found.exit = config
+    return found
 
 
 def generate(model: torch.nn.Module, input_ids: Any, recipe: Recipe, *,

@@ -16,6 +16,11 @@ __all__ = ["main"]
 def _explain(args: argparse.Namespace) -> int:
     from .explain import explain
 
+    if args.exits is not None:
+        from .exits import explain_exits
+
+        print(explain_exits(args.model, args.exits or None, args.distilled))
+        return 0
     reports = explain(args.model, args.recipe, prompt_len=args.prompt_len,
                       lower=True if args.lower else None)
     if args.json:
@@ -75,6 +80,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--lower", action="store_true",
                    help="also lower each graph (always done for target onnxruntime), so "
                         "lowering fallbacks are reported")
+    p.add_argument("--exits", type=int, nargs="*", default=None, metavar="LAYER",
+                   help="instead: top-1 agreement of an exit after each LAYER (default: all) "
+                        "with the full model on held-out text, and the predicted speculative "
+                        "speedup (early-exit recipes)")
+    p.add_argument("--distilled", action="store_true",
+                   help="with --exits: also train (or load) a distilled exit head per layer")
     p.set_defaults(func=_explain)
 
     p = sub.add_parser("recipes", help="list the shipped presets, or print one as TOML")

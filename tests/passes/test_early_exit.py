@@ -126,3 +126,51 @@ def test_every_tiny_architecture_cuts_at_its_first_layer(arch):
         head = model.get_output_embeddings()
         want = head(norm(hidden))
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_distilled_head_runs_the_trained_adapter_before_the_shared_head(tmp_path):
+    from llmcompile.deploy.exit_heads import load_adapter, train_adapter
+    from llmcompile.tools.exits import agreement, exit_logits
+
+    model = tiny_model("llama", num_hidden_layers=4)
+    tokens = torch.randint(3, 256, (512,), generator=torch.Generator().manual_seed(4))
+    down, up = train_adapter(model, tokens, 2, rank=8, steps=60, batch=64, progress=False)
+    again = train_adapter(model, tokens, 2, rank=8, steps=60, batch=64, progress=False)
+    assert torch.equal(down, again[0]) and torch.equal(up, again[1])  # seeded
+    shared = agreement(model, tokens, [2])[2]
+    distilled = agreement(model, tokens, [2], adapters={2: (down, up)})[2]
+    assert distilled > shared
+    path = tmp_path / "exit-{layer}.pt"
+    torch.save({"down": down, "up": up, "layer": 2}, str(path).format(layer=2))
+    assert torch.equal(load_adapter(str(path).format(layer=2))[0], down)
+    ids = tokens[:PROMPT][None]
+    cache = _prefilled(model, ids)
+    with torch.no_grad():
+        got = _step(model, _recipe(layers=[2], head="distilled", adapter=str(path)), cache,
+                    torch.tensor([[7]]), PROMPT)
+        hidden = model(torch.cat([ids, torch.tensor([[7]])], 1),
+                       output_hidden_states=True).hidden_states[2]
+        want = exit_logits(model, hidden, (down, up))[:, -1]
+    torch.testing.assert_close(got[:, -1], want, rtol=1e-4, atol=1e-4)
+
+
+def test_a_distilled_head_without_its_adapter_is_a_clear_error():
+    model = tiny_model("llama", num_hidden_layers=4)
+    ids = torch.randint(3, 256, (1, PROMPT))
+    cache = new_cache(model, 16, torch.float32, torch.device("cpu"))
+    for adapter, message in (("", "needs its trained adapter"), ("/nope/{layer}.pt",
+                                                                  "does not exist")):
+        with pytest.raises(Exception, match=message), torch.no_grad():
+            _step(model, _recipe(layers=[2], head="distilled", adapter=adapter), cache,
+                  ids, 0)
+
+
+def test_exit_table_predicts_from_agreement_and_draft_share():
+    from llmcompile.tools.exits import draft_share, exit_table, speculative_speedup
+
+    model = tiny_model("llama", num_hidden_layers=4)
+    assert 0 < draft_share(model, 1) < draft_share(model, 3) < 1
+    assert speculative_speedup(1.0 - 1e-12, 0.0, 4) == pytest.approx(5.0)
+    assert speculative_speedup(0.0, 0.5, 2) == pytest.approx(0.5)
+    rows = exit_table(model, torch.randint(3, 256, (300,)), [1, 3])
+    assert [r.layer for r in rows] == [1, 3] and all(1 <= r.best_k <= 8 for r in rows)

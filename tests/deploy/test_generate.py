@@ -1,0 +1,118 @@
+"""llmcompile.generate: plain greedy equals HF generate; self-speculative equals plain greedy
+(EOS inside a drafted block included); rollback leaves the cache of plain decoding; confident
+exit stops early and keeps the cache consistent; sessions are compiled once."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import llmcompile
+from llmcompile import load_recipe
+from llmcompile.deploy.generate import session
+from llmcompile.tools.cli import main
+from llmcompile.tools.models import tiny_model
+
+NEW = 12
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_model("llama", num_hidden_layers=4)
+
+
+@pytest.fixture(scope="module")
+def prompt():
+    return torch.randint(3, 256, (1, 7), generator=torch.Generator().manual_seed(3))
+
+
+@pytest.fixture(scope="module")
+def reference(model, prompt):
+    with torch.no_grad():
+        return model.generate(prompt, max_new_tokens=NEW, do_sample=False, eos_token_id=None,
+                              pad_token_id=0)
+
+
+def _recipe(target="eager", **exit_options):
+    passes = [{"name": "fuse"}]
+    if exit_options:
+        passes.append({"name": "early_exit", **exit_options})
+    return load_recipe({"name": "ee", "target": target, "passes": passes})
+
+
+def test_plain_greedy_through_inductor_equals_hf_generate(model, prompt, reference):
+    ids, stats = llmcompile.generate(model, prompt, _recipe("inductor"), max_new_tokens=NEW,
+                                     return_stats=True)
+    assert torch.equal(ids, reference)
+    assert stats.mode == "greedy" and stats.new_tokens == NEW
+
+
+@pytest.mark.parametrize("k", [1, 3, 5])
+@pytest.mark.parametrize("layer", [1, 3])
+def test_speculative_is_token_for_token_the_full_model(model, prompt, reference, k, layer):
+    ids, stats = llmcompile.generate(model, prompt, _recipe(layers=[layer], draft_tokens=k),
+                                     max_new_tokens=NEW, return_stats=True)
+    assert torch.equal(ids, reference)
+    assert stats.mode == "speculative" and stats.drafted == k * stats.verifications
+    assert 0 <= stats.accepted <= stats.drafted
+    assert stats.tokens_per_verification >= 1
+
+
+def test_speculative_through_inductor(model, prompt, reference):
+    ids = llmcompile.generate(model, prompt, _recipe("inductor", layers=[3], draft_tokens=3),
+                              max_new_tokens=NEW)
+    assert torch.equal(ids, reference)
+
+
+def test_eos_inside_a_drafted_block_stops_there(model, prompt, reference):
+    new = reference[0, prompt.shape[1]:].tolist()
+    eos = new[5]
+    stop = new.index(eos)
+    ids = llmcompile.generate(model, prompt, _recipe(layers=[3], draft_tokens=4),
+                              max_new_tokens=NEW, eos_token_id=eos)
+    assert ids[0, prompt.shape[1]:].tolist() == new[:stop + 1]
+
+
+def test_rollback_leaves_the_cache_of_plain_decoding(model, prompt):
+    # drafts after 1 layer of a random model are mostly rejected: many rollbacks
+    spec = session(model, _recipe(layers=[1], draft_tokens=4))
+    ids, stats = spec.generate(prompt, NEW)
+    assert stats.accepted < stats.drafted
+    plain = session(model, _recipe())
+    plain.generate(prompt, NEW)
+    valid = prompt.shape[1] + NEW - 1  # the last token is emitted, never fed back
+    for a, b in zip(spec.cache.layers, plain.cache.layers):
+        torch.testing.assert_close(a.keys[:, :, :valid], b.keys[:, :, :valid])
+        torch.testing.assert_close(a.values[:, :, :valid], b.values[:, :, :valid])
+        assert int(a.cumulative_length) == int(b.cumulative_length) == valid
+
+
+def test_confident_exit_uses_fewer_layers_and_keeps_going(model, prompt, reference):
+    # a random 256-token model is never confident: a threshold just above uniform exits often
+    low = _recipe(layers=[2], mode="confident", threshold=0.005)
+    ids, stats = llmcompile.generate(model, prompt, low, max_new_tokens=NEW, return_stats=True)
+    assert stats.exits.get(2, 0) > 0 and stats.mean_layers < 4
+    assert ids.shape[1] == prompt.shape[1] + NEW
+    high = _recipe(layers=[2], mode="confident", threshold=0.99)
+    ids, stats = llmcompile.generate(model, prompt, high, max_new_tokens=NEW, return_stats=True)
+    assert torch.equal(ids, reference) and stats.mean_layers == 4  # never confident: full model
+
+
+def test_a_session_compiles_once_per_model_and_recipe(model, prompt):
+    recipe = _recipe(layers=[2], draft_tokens=2)
+    assert session(model, recipe) is session(model, recipe)
+    assert session(model, recipe) is not session(model, _recipe(layers=[2], draft_tokens=3))
+
+
+def test_bad_requests_raise_clear_errors(model, prompt):
+    with pytest.raises(ValueError, match="one prompt at a time"):
+        llmcompile.generate(model, prompt.repeat(2, 1), _recipe())
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        llmcompile.generate(model, prompt, _recipe(), max_new_tokens=0)
+
+
+def test_generate_command_takes_a_model_and_a_recipe(capsys, tmp_path):
+    folder = tmp_path / "tiny"
+    tiny_model("llama", num_hidden_layers=4).save_pretrained(folder)
+    assert main(["generate", str(folder), "--prompt", "x", "--recipe", "early-exit"]) == 2
+    assert "tokenizer" in capsys.readouterr().err
