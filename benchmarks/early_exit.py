@@ -31,8 +31,7 @@ import torch
 
 import llmcompile
 from llmcompile import load_recipe
-from llmcompile.deploy.generate import GenerationStats, session
-from llmcompile.tools.exits import exit_table, format_table, held_out_tokens
+from llmcompile.tools.exits import confident_perplexity, exit_table, format_table, held_out_tokens
 from llmcompile.tools.models import load_smollm2
 
 
@@ -127,27 +126,18 @@ def confident(args) -> None:
     tokens = held_out_tokens(tokenizer, 100_000)[4000:4000 + args.prefix + args.tokens + 1]
     full = model(tokens[None]).logits[0].float().log_softmax(-1)
     targets = tokens[args.prefix + 1:]
-    ref_nll = -full[args.prefix:-1].gather(-1, targets[:, None]).mean().item()
-    print(f"full model: perplexity {math.exp(ref_nll):.2f} over {targets.numel()} tokens")
-    print("| exits after | threshold | perplexity | change | layers per token "
-          "(exit depth) | tokens exited early |\n|---|---|---|---|---|---|")
-    for threshold in args.thresholds:
-        recipe = _recipe(args.layer[0], mode="confident", threshold=threshold,
-                         layers=args.layer)
-        run = session(model, recipe, tokenizer)  # compiled once, for every threshold
-        stats = GenerationStats(mode="confident", num_layers=run.num_layers)
-        run.reserve(tokens.numel() + 2)
-        run.generate(tokens[None, :args.prefix], 1)  # prefill the cache
-        nll = 0.0
-        for i, t in enumerate(range(args.prefix, args.prefix + targets.numel())):
-            _, logp = run.confident_step(int(tokens[t]), t, stats)
-            nll -= float(logp[targets[i]])
-        nll /= targets.numel()
-        stats.new_tokens = targets.numel()
-        early = sum(v for k, v in stats.exits.items() if k < run.num_layers)
-        print(f"| {args.layer} | {threshold} | {math.exp(nll):.2f} | "
-              f"{math.exp(nll) / math.exp(ref_nll) - 1:+.1%} | {stats.mean_layers:.1f} | "
-              f"{early / targets.numel():.0%} |", flush=True)
+    ref = math.exp(-full[args.prefix:-1].gather(-1, targets[:, None]).mean().item())
+    print(f"full model: perplexity {ref:.2f} over {targets.numel()} tokens")
+    print("| head | exits after | threshold | perplexity | change | layers per token "
+          "(exit depth) | tokens exited early |\n|---|---|---|---|---|---|---|")
+    for head in args.heads:
+        for threshold in args.thresholds:
+            recipe = _recipe(args.layer[0], head=head, mode="confident", threshold=threshold,
+                             layers=args.layer)
+            ppl, stats = confident_perplexity(model, tokens, recipe, args.prefix, tokenizer)
+            early = sum(v for k, v in stats.exits.items() if k < stats.num_layers)
+            print(f"| {head} | {args.layer} | {threshold} | {ppl:.2f} | {ppl / ref - 1:+.1%} | "
+                  f"{stats.mean_layers:.1f} | {early / targets.numel():.0%} |", flush=True)
 
 
 def main() -> None:
@@ -170,6 +160,7 @@ def main() -> None:
     p = sub.add_parser("confident")
     p.add_argument("--layer", type=int, nargs="+", default=[10, 20])
     p.add_argument("--thresholds", type=float, nargs="+", default=[0.5, 0.7, 0.9, 0.95])
+    p.add_argument("--heads", nargs="+", default=["distilled"], choices=["shared", "distilled"])
     p.add_argument("--prefix", type=int, default=64)
     p.add_argument("--tokens", type=int, default=512)
     p.set_defaults(func=confident)

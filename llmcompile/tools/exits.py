@@ -158,3 +158,31 @@ def explain_exits(spec: Any, layers: list[int] | None = None, distilled: bool = 
     rows = exit_table(model, ids, layers, adapters)
     return (f"exits of {spec} on {ids.numel()} held-out tokens (memory-bound prediction; "
             "measure with llmcompile.generate):\n" + format_table(rows))
+
+
+@torch.no_grad()
+def confident_perplexity(model, tokens: torch.Tensor, recipe: Any, prefix: int = 64,
+                         tokenizer: Any = None):
+    """Teacher-forced perplexity of ``tokens`` (1-d) under confident exit: after a prefill of
+    ``prefix`` tokens, each position is run one token at a time through the recipe's exits
+    (later layers' K/V filled from the exit) or the full model, and scored with the
+    distribution it stopped at. Returns ``(perplexity, GenerationStats)``."""
+    import math
+
+    from ..deploy.generate import GenerationStats
+    from .generate import prepare
+
+    run = prepare(model, recipe, tokenizer)
+    if run.exit is None or run.exit.mode != "confident":
+        raise ValueError("confident_perplexity needs an early_exit pass with mode = "
+                         "'confident'")
+    stats = GenerationStats(mode="confident", num_layers=run.num_layers)
+    run.reserve(tokens.numel() + 2)
+    run.generate(tokens[None, :prefix], 1)  # the prefill: fills the cache up to prefix
+    targets = tokens[prefix + 1:]
+    nll = 0.0
+    for i, position in enumerate(range(prefix, prefix + targets.numel())):
+        _, logp = run.confident_step(int(tokens[position]), position, stats)
+        nll -= float(logp[targets[i]])
+    stats.new_tokens = targets.numel()
+    return math.exp(nll / targets.numel()), stats

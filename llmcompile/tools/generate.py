@@ -11,18 +11,24 @@ from typing import Any
 import torch
 
 from .. import _compat
-from ..deploy.generate import GenerationStats, early_exit_config, session
+from ..deploy.generate import GenerationStats, Session, early_exit_config, session
 from ..registry import resolve_recipe
 
 log = logging.getLogger("llmcompile")
 
-__all__ = ["add_arguments", "generate", "main"]
+__all__ = ["add_arguments", "generate", "main", "prepare"]
 
 
 def generate(model: Any, input_ids: Any, recipe: Any = None, *, max_new_tokens: int = 32,
              eos_token_id: int | None = None, tokenizer: Any = None
              ) -> tuple[torch.Tensor, GenerationStats]:
     """See :func:`llmcompile.generate`."""
+    return prepare(model, recipe, tokenizer).generate(input_ids, max_new_tokens, eos_token_id)
+
+
+def prepare(model: Any, recipe: Any = None, tokenizer: Any = None) -> Session:
+    """The compiled :class:`~llmcompile.deploy.generate.Session` of a model spec under a recipe
+    spec (exits checked against the model first; distilled heads trained on first use)."""
     from .explain import load_model
 
     recipe = resolve_recipe(recipe)
@@ -37,8 +43,7 @@ def generate(model: Any, input_ids: Any, recipe: Any = None, *, max_new_tokens: 
         from ..deploy.exit_heads import adapter_files
 
         adapters = adapter_files(module, config, tokenizer)
-    return session(module, recipe, tokenizer, adapters).generate(
-        input_ids, max_new_tokens, eos_token_id)
+    return session(module, recipe, tokenizer, adapters)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -98,6 +98,14 @@ def test_confident_exit_uses_fewer_layers_and_keeps_going(model, prompt, referen
     assert torch.equal(ids, reference) and stats.mean_layers == 4  # never confident: full model
 
 
+def test_the_preset_checks_its_exit_against_the_model_before_compiling(model, prompt):
+    recipe = load_recipe("early-exit")
+    config = recipe.passes[-1]
+    assert (config.mode, config.head, config.layers) == ("speculative", "shared", (10,))
+    with pytest.raises(llmcompile.RecipeError, match="past the model"):
+        llmcompile.generate(model, prompt, recipe)
+
+
 def test_a_session_compiles_once_per_model_and_recipe(model, prompt):
     recipe = _recipe(layers=[2], draft_tokens=2)
     assert session(model, recipe) is session(model, recipe)
@@ -116,3 +124,20 @@ def test_generate_command_takes_a_model_and_a_recipe(capsys, tmp_path):
     tiny_model("llama", num_hidden_layers=4).save_pretrained(folder)
     assert main(["generate", str(folder), "--prompt", "x", "--recipe", "early-exit"]) == 2
     assert "tokenizer" in capsys.readouterr().err
+
+
+def test_confident_perplexity_scores_each_position_where_it_stopped(model):
+    from llmcompile.tools.exits import confident_perplexity
+
+    tokens = torch.randint(3, 256, (40,), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        logp = model(tokens[None]).logits[0].log_softmax(-1)
+    full = torch.exp(-logp[8:-1].gather(-1, tokens[9:, None]).mean()).item()
+    never = _recipe(layers=[2], mode="confident", threshold=0.99)
+    ppl, stats = confident_perplexity(model, tokens, never, prefix=8)
+    assert ppl == pytest.approx(full, rel=1e-4) and stats.mean_layers == 4
+    always = _recipe(layers=[2], mode="confident", threshold=0.001)
+    ppl, stats = confident_perplexity(model, tokens, always, prefix=8)
+    assert stats.mean_layers == 2 and ppl != pytest.approx(full, rel=1e-4)
+    with pytest.raises(ValueError, match="confident"):
+        confident_perplexity(model, tokens, _recipe(layers=[2]))
