@@ -23,7 +23,7 @@ def test_default_preset_is_lossless_fusion():
 @pytest.mark.parametrize("spec, message", [
     ("nope", "unknown recipe preset 'nope'; presets: default"),
     ({"passes": [{"name": "fusee"}]},
-     "unknown pass 'fusee'; valid passes: fuse, quantize_weights, rules"),
+     "unknown pass 'fusee'; valid passes: early_exit, fuse, quantize_weights, rules"),
     ({"passes": [{"name": "fuse", "includes": ["*"]}]}, "has no option(s) ['includes']"),
     ({"passes": [{"name": "fuse", "include": "rmsnorm"}]}, "fuse.include: expected a list"),
     ({"passes": [{"name": "fuse", "include": [3]}]}, "fuse.include[]: expected str"),
