@@ -20,7 +20,6 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -28,29 +27,14 @@ import numpy as np
 from ..lower.onnxruntime import session
 from ..ops.onnx import CPU as _CPU
 from ..ops.onnx import CUDA as _CUDA
+from .generate import GenerationStats
 
 log = logging.getLogger("llmcompile")
 
-__all__ = ["DecodeStats", "OnnxCausalLM"]
+__all__ = ["OnnxCausalLM"]
 
 _DTYPES = {"float32": np.float32, "float16": np.float16}
 _warned = False
-
-
-@dataclass
-class DecodeStats:
-    """What one :meth:`OnnxCausalLM.generate` call did (speculative: drafted and accepted
-    draft tokens, and full-model steps after the prefill)."""
-
-    mode: str = "greedy"
-    new_tokens: int = 0
-    verifications: int = 0
-    drafted: int = 0
-    accepted: int = 0
-
-    @property
-    def acceptance_rate(self) -> float:
-        return self.accepted / self.drafted if self.drafted else 0.0
 
 
 class OnnxCausalLM:
@@ -91,7 +75,7 @@ class OnnxCausalLM:
         if self.draft_meta is not None:
             self.draft = session(self.path.with_name(self.draft_meta["file"]), provider, threads)
             self.draft_tokens = int(self.draft_meta["draft_tokens"])
-        self.last_stats: DecodeStats | None = None
+        self.last_stats: GenerationStats | None = None
 
     def empty_cache(self, batch: int) -> list[np.ndarray]:
         shape = (batch, self.meta["kv_heads"], 0, self.meta["head_dim"])
@@ -126,7 +110,7 @@ class OnnxCausalLM:
         Self-speculative when the file has a draft (same tokens); see ``last_stats``."""
         eos = eos_token_id if eos_token_id is not None else self.meta.get("eos_token_id")
         logits, past = self.forward(np.asarray(input_ids, dtype=np.int64)[None])
-        stats = self.last_stats = DecodeStats("greedy" if self.draft is None else "speculative")
+        stats = self.last_stats = GenerationStats("greedy" if self.draft is None else "speculative")
         out: list[int] = []
         if max_new_tokens < 1:
             return out
@@ -141,7 +125,7 @@ class OnnxCausalLM:
         return out
 
     def _speculative(self, out: list[int], past: list[np.ndarray], budget: int,
-                     eos: int | None, stats: DecodeStats) -> None:
+                     eos: int | None, stats: GenerationStats) -> None:
         """Extend ``out`` (the prefill's token after ``past``) by draft-and-verify rounds."""
         assert self.draft_meta is not None
         draft_past_arrays = 2 * int(self.draft_meta["layers"])
