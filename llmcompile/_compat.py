@@ -159,6 +159,24 @@ def set_cache_length(cache, length: int) -> None:
             counter.fill_(length)
 
 
+def init_static_cache(cache, model) -> None:
+    """Allocate a transformers ``StaticCache``'s tensors now rather than on the first write.
+
+    A lazily initialised cache makes Dynamo guard on ``is_initialized``: the first prefill's
+    graph then fails that guard on the next call and everything compiled around it is compiled
+    again. Releases without ``early_initialization`` keep the lazy path."""
+    early = getattr(cache, "early_initialization", None)
+    if early is None or getattr(cache, "is_initialized", False):
+        return
+    config = model.config.get_text_config(decoder=True)
+    heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    head_dim = (getattr(config, "head_dim", None)
+                or config.hidden_size // config.num_attention_heads)
+    param = next(model.parameters())
+    early(batch_size=1, num_heads=heads, head_dim=head_dim, dtype=param.dtype,
+          device=param.device)
+
+
 @contextlib.contextmanager
 def recompile_limit(at_least: int):
     """Let Dynamo keep at least ``at_least`` compiled versions of one code object."""

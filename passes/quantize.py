@@ -7,7 +7,9 @@
 
 ``W`` must be a model weight (or a folded one, e.g. a fused Q/K/V weight); it is quantized and
 packed once, at compile time. ``a`` are AWQ scales (``method = "awq"``, searched on calibration
-text) or ones (``"rtn"``, round-to-nearest). ``skip`` lists module-path globs kept in float.
+text) or ones (``"rtn"``, round-to-nearest). ``skip`` lists module-path globs kept in float;
+``only`` limits the pass to the layers its globs match, so a recipe can give one layer (the LM
+head, say) its own bits and method with a second ``quantize_weights`` entry.
 For the ``onnxruntime`` target the weights are laid out for ONNX Runtime's ``MatMulNBits``
 (int4 with integer zero points; int8 per channel as 8-bit blocks of 32) and
 ``accuracy_level`` tells it which compute it may use (4: int8 activations, fastest on CPU;
@@ -70,6 +72,7 @@ class QuantizeConfig(PassConfig):
     group_size: int = 64
     method: Literal["rtn", "awq", "gptq", "awq+gptq"] = "rtn"
     skip: tuple[str, ...] = ()
+    only: tuple[str, ...] = ()
     calibration: dict = field(default_factory=dict)
     seed: int = 0
     accuracy_level: int = 4
@@ -98,12 +101,19 @@ class QuantizeConfig(PassConfig):
     def run(self, program, stats) -> None:
         targets = _eligible(program)
         paths = {n.name: program.module_path(n) for n in targets}
-        for glob in self.skip:
-            if not any(fnmatch.fnmatchcase(p, glob) for p in paths.values()):
-                raise RecipeError(f"quantize_weights.skip: {glob!r} matches no linear layer; "
-                                  f"layers look like {sorted(set(paths.values()))[:6]}")
-        keep = [n for n in targets if not any(fnmatch.fnmatchcase(paths[n.name], g)
-                                              for g in self.skip)]
+        for key in ("skip", "only"):
+            for glob in getattr(self, key):
+                if not any(fnmatch.fnmatchcase(p, glob) for p in paths.values()):
+                    raise RecipeError(f"quantize_weights.{key}: {glob!r} matches no linear "
+                                      "layer left in float; layers look like "
+                                      f"{sorted(set(paths.values()))[:6]}")
+
+        def selected(node) -> bool:
+            path = paths[node.name]
+            return (not any(fnmatch.fnmatchcase(path, g) for g in self.skip)
+                    and (not self.only or any(fnmatch.fnmatchcase(path, g) for g in self.only)))
+
+        keep = [n for n in targets if selected(n)]
         for node in keep:
             k = program.weight(node.args[1]).shape[1]
             if self.bits == 4 and k % self.group_size:

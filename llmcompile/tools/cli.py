@@ -1,5 +1,5 @@
 """The ``llmcompile`` command line: explain, recipes, cost, machine, quality, bench, export,
-generate."""
+generate, profile."""
 
 from __future__ import annotations
 
@@ -115,6 +115,13 @@ def _parser() -> argparse.ArgumentParser:
                        "graphs (self-speculative with an early-exit recipe), or an ONNX file")
     generate.add_arguments(p)
     p.set_defaults(func=generate.main)
+
+    from . import profile
+
+    p = sub.add_parser("profile", help="where a decode step's time goes: matmuls, LM head, "
+                       "attention, cache writes, generated kernels, per-step overhead")
+    profile.add_arguments(p)
+    p.set_defaults(func=profile.main)
 
     from . import cost, machine
 

@@ -70,6 +70,18 @@ def test_int8_rewrites_every_linear_and_honours_skip():
     assert counts["int8_linear"] == 6
 
 
+def test_only_gives_one_layer_its_own_bits():
+    """int4 everywhere but the LM head, which a second entry quantizes to int8."""
+    recipe = load_recipe({"passes": [
+        {"name": "fuse"},
+        {"name": "quantize_weights", "bits": 4, "method": "rtn", "skip": ["lm_head"]},
+        {"name": "quantize_weights", "bits": 8, "only": ["lm_head"]}]})
+    counts, _ = _counts(recipe)
+    assert counts["int4_linear"] == 8 and counts["int8_linear"] == 1
+    counts, _ = _counts(Recipe((FuseConfig(), QuantizeConfig(bits=8, only=("*.mlp.*",)))))
+    assert counts["int8_linear"] == 4  # gate_up and down in each of 2 layers
+
+
 def test_int4_rtn_rewrites_and_packs_once():
     counts, report = _counts(load_recipe("int4-rtn"))
     assert counts["int4_linear"] == 8  # lm_head skipped by the preset
@@ -95,6 +107,7 @@ def test_config_errors_name_the_valid_choices(fields, message):
 @pytest.mark.parametrize("fields, message", [
     ({"bits": 4, "group_size": 128}, "does not divide the input width 64"),
     ({"bits": 8, "skip": ["decoder.*"]}, "matches no linear layer"),
+    ({"bits": 8, "only": ["decoder.*"]}, "quantize_weights.only: 'decoder.*' matches no"),
     ({"bits": 4, "method": "awq"}, "needs a tokenizer"),
 ])
 def test_model_dependent_errors_raise_before_compiling(fields, message):
