@@ -36,10 +36,11 @@ from llmcompile.tools.models import load_smollm2
 
 
 def _recipe(layer: int, k: int = 4, head: str = "shared", mode: str = "speculative",
-            threshold: float = 0.9, layers: list[int] | None = None):
+            threshold: float = 0.9, layers: list[int] | None = None, adaptive: bool = False):
     return load_recipe({"name": f"ee-{head}-L{layer}-k{k}", "passes": [
         {"name": "fuse"}, {"name": "early_exit", "layers": layers or [layer], "head": head,
-                           "draft_tokens": k, "mode": mode, "threshold": threshold}]})
+                           "draft_tokens": k, "mode": mode, "threshold": threshold,
+                           "adaptive": adaptive}]})
 
 
 def exits(args) -> None:
@@ -66,6 +67,8 @@ def speculative(args) -> None:
         if args.distilled:
             configs[f"early-exit distilled L{args.layer} k{k}"] = _recipe(args.layer, k,
                                                                           "distilled")
+    if args.preset:
+        configs["early-exit preset (adaptive)"] = load_recipe("early-exit")
     runs = {}
     for name, recipe in configs.items():
         start = time.perf_counter()
@@ -94,20 +97,22 @@ def speculative(args) -> None:
     reference = [ids for ids, _ in runs["default"]]
     base, base_e2e = _tps(runs["default"]), _tps(runs["default"], prefill=True)
     print("\n| configuration | decode tok/s | x default | end-to-end tok/s | x default | "
-          "acceptance | tokens / verification | same tokens as default |\n"
-          "|---|---|---|---|---|---|---|---|")
+          "acceptance | tokens / verification | tokens not drafted | same tokens as default |\n"
+          "|---|---|---|---|---|---|---|---|---|")
     for name, results in runs.items():
         same = all(torch.equal(ids, ref) for (ids, _), ref in zip(results, reference))
         tps, e2e = _tps(results), _tps(results, prefill=True)
         stats = [s for _, s in results if not isinstance(s, float)]
         accept = (sum(s.accepted for s in stats) / max(1, sum(s.drafted for s in stats))
                   if stats and stats[0].mode == "speculative" else None)
-        per = (sum(s.new_tokens for s in stats) / max(1, sum(s.verifications for s in stats))
-               if accept is not None else None)
+        per = (sum(s.new_tokens - s.plain_steps for s in stats)
+               / max(1, sum(s.verifications for s in stats)) if accept is not None else None)
+        plain = sum(s.plain_steps for s in stats)
         print(f"| {name} | {'' if tps is None else f'{tps:.1f}'} | "
               f"{'' if tps is None else f'{tps / base:.2f}'} | {e2e:.1f} | {e2e / base_e2e:.2f} | "
               f"{'' if accept is None else f'{accept:.1%}'} | "
-              f"{'' if per is None else f'{per:.2f}'} | {'yes' if same else 'NO'} |")
+              f"{'' if per is None else f'{per:.2f}'} | "
+              f"{'' if accept is None else plain} | {'yes' if same else 'NO'} |")
 
 
 def _tps(results, prefill: bool = False) -> float | None:
@@ -162,6 +167,8 @@ def main() -> None:
     p.add_argument("--draft-tokens", type=int, nargs="+", default=[1, 4])
     p.add_argument("--distilled", action="store_true")
     p.add_argument("--new", type=int, default=256)
+    p.add_argument("--preset", action="store_true",
+                   help="speculative: also time the early-exit preset (adaptive drafting)")
     p.add_argument("--rounds", type=int, default=1)
     p.set_defaults(func=speculative)
     p = sub.add_parser("confident")

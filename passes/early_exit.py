@@ -51,6 +51,9 @@ class EarlyExitConfig(PassConfig):
     head: Literal["shared", "distilled"] = "shared"
     mode: Literal["speculative", "confident"] = "speculative"
     draft_tokens: int = 4
+    #: speculative: stop drafting while the measured acceptance and call times say plain
+    #: decoding is faster, and probe again now and then (the output is the same either way)
+    adaptive: bool = True
     threshold: float = 0.9
     #: rank of the distilled adapter (``head = "distilled"``)
     rank: int = 64

@@ -43,6 +43,60 @@ _CACHE_BUCKET = 256
 _RECOMPILES = 64
 
 
+class _DraftPolicy:
+    """When to draft (``adaptive = true``): compare the measured rate of speculative rounds,
+    ``E / (t_draft + t_verify)`` with ``E = 1 + a + ... + a^k`` expected tokens per round at
+    acceptance ``a``, with the rate of plain steps, ``1 / t_step``; decode plainly while that is
+    faster, and probe with a few speculative rounds after each plain run (64 tokens, doubled
+    after every probe that loses, up to 1,024). Both paths emit the full model's greedy tokens,
+    so the choice changes speed only."""
+
+    _PROBE = 8  # speculative rounds per probe
+    _PLAIN_RUN = 64  # plain tokens between probes, doubled per losing probe
+    _LONGEST_RUN = 1024
+
+    def __init__(self, k: int):
+        self.k = k
+        self.accepted = self.drafted = 0
+        self.round_s = self.step_s = 0.0
+        self.rounds = self.steps = 0
+        self.left = self._PROBE  # speculative rounds (> 0) or plain steps (< 0) before deciding
+        self.probe_next = False
+        self.plain_run = self._PLAIN_RUN
+
+    def draft(self) -> bool:
+        if self.left > 0:
+            return True
+        if self.left < 0:
+            return False
+        if self.steps < 4:  # time a few plain steps once, before the first decision
+            self.left = -4
+        elif self.probe_next:  # a plain run has ended: probe before deciding again
+            self.probe_next = False
+            self.left = self._PROBE
+        else:
+            a = self.accepted / max(1, self.drafted)
+            expected = sum(a ** i for i in range(self.k + 1))
+            if expected * self.rounds / self.round_s > self.steps / self.step_s:
+                self.left, self.plain_run = self._PROBE, self._PLAIN_RUN
+            else:
+                self.left, self.probe_next = -self.plain_run, True
+                self.plain_run = min(2 * self.plain_run, self._LONGEST_RUN)
+        return self.left > 0
+
+    def timed_round(self, draft_s: float, verify_s: float, accepted: int) -> None:
+        self.round_s += draft_s + verify_s
+        self.rounds += 1
+        self.accepted += accepted
+        self.drafted += self.k
+        self.left -= 1
+
+    def timed_step(self, seconds: float) -> None:
+        self.step_s += seconds
+        self.steps += 1
+        self.left += 1
+
+
 def _entry_point(model: torch.nn.Module, label: str):
     """``model.forward`` behind a code object of its own.
 
@@ -71,6 +125,8 @@ class GenerationStats:
     verifications: int = 0
     drafted: int = 0
     accepted: int = 0
+    #: speculative with ``adaptive``: tokens decoded by plain steps while drafting did not pay
+    plain_steps: int = 0
     #: confident: tokens that stopped at each exit (layer -> count); decoder layers run per
     #: token on average (an exit counts its layers, a full step all of them)
     exits: dict[int, int] = field(default_factory=dict)
@@ -84,7 +140,9 @@ class GenerationStats:
 
     @property
     def tokens_per_verification(self) -> float:
-        return self.new_tokens / self.verifications if self.verifications else 0.0
+        """Tokens per speculative round (tokens decoded by plain steps left out)."""
+        drafted_rounds = self.new_tokens - self.plain_steps
+        return drafted_rounds / self.verifications if self.verifications else 0.0
 
     @property
     def tokens_per_s(self) -> float:
@@ -106,6 +164,9 @@ class GenerationStats:
         if self.mode == "speculative":
             line += (f"; acceptance {self.acceptance_rate:.0%}, "
                      f"{self.tokens_per_verification:.2f} tokens per verification")
+            if self.plain_steps:
+                line += (f"; {self.plain_steps} tokens decoded without drafting (adaptive: "
+                         "drafting did not pay)")
         if self.mode == "confident":
             line += (f"; exits at {self.mean_layers:.1f} of {self.num_layers} layers per "
                      f"token ({self.mean_layers_run:.1f} computed), exits "
@@ -240,17 +301,30 @@ class Session:
     def _speculative(self, token, pos, budget, eos, stats) -> list[int]:
         (layer, draft_fn), = self.exits.items()
         k = self.exit.draft_tokens
+        policy = _DraftPolicy(k) if self.exit.adaptive else None
         out = [token]
         while len(out) < budget and token != eos:
+            if policy is not None and not policy.draft():
+                start = time.perf_counter()
+                token = int(self._run(self.step, torch.tensor([[token]]), pos)[-1].argmax())
+                policy.timed_step(time.perf_counter() - start)
+                out.append(token)
+                pos += 1
+                stats.plain_steps += 1
+                continue
+            start = time.perf_counter()
             drafts, t = [], token
             for i in range(k):
                 t = int(self._run(draft_fn, torch.tensor([[t]]), pos + i)[-1].argmax())
                 drafts.append(t)
+            drafted = time.perf_counter()
             block = torch.tensor([[token, *drafts]])
             verified = self._run(self.step, block, pos, keep=0).argmax(-1).tolist()
             accepted = 0
             while accepted < k and drafts[accepted] == verified[accepted]:
                 accepted += 1
+            if policy is not None:
+                policy.timed_round(drafted - start, time.perf_counter() - drafted, accepted)
             stats.verifications += 1
             stats.drafted += k
             stats.accepted += accepted
@@ -261,7 +335,8 @@ class Session:
             token = out[-1]
             pos += accepted + 1
         _compat.set_cache_length(self.cache, pos)
-        stats.layers_run = (stats.verifications + 1) * self.num_layers + stats.drafted * layer
+        stats.layers_run = ((stats.verifications + stats.plain_steps + 1) * self.num_layers
+                            + stats.drafted * layer)
         stats.depth = len(out) * self.num_layers
         return out
 

@@ -101,7 +101,8 @@ def test_confident_exit_uses_fewer_layers_and_keeps_going(model, prompt, referen
 def test_the_preset_checks_its_exit_against_the_model_before_compiling(model, prompt):
     recipe = load_recipe("early-exit")
     config = recipe.passes[-1]
-    assert (config.mode, config.head, config.layers) == ("speculative", "shared", (10,))
+    assert (config.mode, config.head, config.layers, config.draft_tokens, config.adaptive) == (
+        "speculative", "distilled", (10,), 1, True)
     with pytest.raises(llmcompile.RecipeError, match="past the model"):
         llmcompile.generate(model, prompt, recipe)
 
@@ -141,3 +142,40 @@ def test_confident_perplexity_scores_each_position_where_it_stopped(model):
     assert stats.mean_layers == 2 and ppl != pytest.approx(full, rel=1e-4)
     with pytest.raises(ValueError, match="confident"):
         confident_perplexity(model, tokens, _recipe(layers=[2]))
+
+
+def test_draft_policy_drafts_only_while_it_pays():
+    from llmcompile.deploy.generate import _DraftPolicy
+
+    def decisions(accepted: int, round_s: float, step_s: float, n: int = 400) -> list[bool]:
+        policy, out = _DraftPolicy(k=2), []
+        for _ in range(n):
+            out.append(policy.draft())
+            if out[-1]:
+                policy.timed_round(round_s / 2, round_s / 2, accepted)
+            else:
+                policy.timed_step(step_s)
+        return out
+
+    # every draft accepted: 3 tokens per round of 2 steps' time -> always drafting after the
+    # one-off plain measurement
+    paying = decisions(accepted=2, round_s=2.0, step_s=1.0)
+    assert paying[:8] == [True] * 8 and paying[8:12] == [False] * 4 and all(paying[12:])
+    # nothing accepted: 1 token per round of 2 steps' time -> plain runs of 64, 128, 256...
+    # tokens between probes of 8 rounds
+    losing = decisions(accepted=0, round_s=2.0, step_s=1.0)
+    probes = [i for i in range(1, len(losing)) if losing[i] and not losing[i - 1]]
+    assert probes == [8 + 4 + 64, 8 + 4 + 64 + 8 + 128]
+    assert sum(losing) == 24
+
+
+def test_adaptive_switching_stays_token_for_token(model, prompt, reference, monkeypatch):
+    from llmcompile.deploy import generate as gen
+
+    pattern = iter([True, False, False, True, True, False] * 20)
+    monkeypatch.setattr(gen._DraftPolicy, "draft", lambda self: next(pattern))
+    ids, stats = llmcompile.generate(model, prompt, _recipe(layers=[1], draft_tokens=3),
+                                     max_new_tokens=NEW, return_stats=True)
+    assert torch.equal(ids, reference)
+    assert stats.plain_steps > 0 and stats.verifications > 0
+    assert "decoded without drafting" in stats.format()
