@@ -80,7 +80,10 @@ def _targets(model, tokens: torch.Tensor, layer: int, chunk: int):
 def train_adapter(model, tokens: torch.Tensor, layer: int, *, rank: int = 64, steps: int = 300,
                   batch: int = 256, lr: float = 2e-3, seed: int = 0, chunk: int = 256,
                   progress: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    """Fit the adapter of the exit after ``layer`` layers on ``tokens`` (1-d ids)."""
+    """Fit the adapter of the exit after ``layer`` layers on ``tokens`` (1-d ids).
+
+    Gradients are enabled inside even when the caller decodes under ``torch.no_grad``; only the
+    adapter is trained and the model's own ``requires_grad`` flags are left as they were."""
     from tqdm.auto import tqdm
 
     hidden, target = _targets(model, tokens, layer, chunk)
@@ -89,21 +92,27 @@ def train_adapter(model, tokens: torch.Tensor, layer: int, *, rank: int = 64, st
     down = (torch.randn(size, rank, generator=generator) / size ** 0.5).requires_grad_()
     up = torch.zeros(rank, size, requires_grad=True)
     norm, head = _final_norm(model), model.get_output_embeddings()
-    for p in (*norm.parameters(), *head.parameters()):
-        p.requires_grad_(False)
+    frozen = [p for p in (*norm.parameters(), *head.parameters()) if p.requires_grad]
     optimizer = torch.optim.Adam([down, up], lr=lr)
     bar = tqdm(range(steps), desc=f"distilling exit head after layer {layer}",
                disable=not progress)
-    for _ in bar:
-        pick = torch.randint(0, hidden.shape[0], (batch,), generator=generator)
-        h = hidden[pick]
-        logits = head(norm(h + (h @ down) @ up)).float()
-        loss = F.kl_div(logits.log_softmax(-1), target[pick], log_target=True,
-                        reduction="batchmean")
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        bar.set_postfix(kl=f"{loss.item():.3f}")
+    try:
+        for p in frozen:
+            p.requires_grad_(False)
+        with torch.enable_grad():
+            for _ in bar:
+                pick = torch.randint(0, hidden.shape[0], (batch,), generator=generator)
+                h = hidden[pick]
+                logits = head(norm(h + (h @ down) @ up)).float()
+                loss = F.kl_div(logits.log_softmax(-1), target[pick], log_target=True,
+                                reduction="batchmean")
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+                bar.set_postfix(kl=f"{loss.item():.3f}")
+    finally:
+        for p in frozen:
+            p.requires_grad_(True)
     return down.detach(), up.detach()
 
 

@@ -135,8 +135,10 @@ def test_distilled_head_runs_the_trained_adapter_before_the_shared_head(tmp_path
     model = tiny_model("llama", num_hidden_layers=4)
     tokens = torch.randint(3, 256, (512,), generator=torch.Generator().manual_seed(4))
     down, up = train_adapter(model, tokens, 2, rank=8, steps=60, batch=64, progress=False)
-    again = train_adapter(model, tokens, 2, rank=8, steps=60, batch=64, progress=False)
+    with torch.no_grad():  # as when a decoding loop trains on first use
+        again = train_adapter(model, tokens, 2, rank=8, steps=60, batch=64, progress=False)
     assert torch.equal(down, again[0]) and torch.equal(up, again[1])  # seeded
+    assert all(p.requires_grad for p in model.parameters())  # the model's flags are untouched
     shared = agreement(model, tokens, [2])[2]
     distilled = agreement(model, tokens, [2], adapters={2: (down, up)})[2]
     assert distilled > shared
