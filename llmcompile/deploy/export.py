@@ -255,8 +255,13 @@ def export(model: torch.nn.Module, path: str | Path, recipe: Recipe, *, tokenize
         if exit_config.mode != "speculative":
             raise RecipeError(f"early_exit.mode {exit_config.mode!r}: llmcompile.export writes "
                               "the draft of self-speculative decoding (mode 'speculative') only")
-        draft_recipe = _with_exit(recipe, exit_config, graph="draft",
-                                  layers=(exit_config.exit_layer,))
+        changes: dict[str, Any] = {"graph": "draft", "layers": (exit_config.exit_layer,)}
+        if exit_config.head == "distilled":  # trained on first use, as llmcompile.generate does
+            from .exit_heads import adapter_files
+
+            changes["adapter"] = adapter_files(module, exit_config, tokenizer)[
+                exit_config.exit_layer]
+        draft_recipe = _with_exit(recipe, exit_config, **changes)
         recipe = _with_exit(recipe, exit_config, graph="full")
     path = Path(path)
     program, report, result = _export_graph(module, recipe, path, geometry, tokenizer,

@@ -191,3 +191,14 @@ def test_confident_mode_is_refused(tmp_path):
     with pytest.raises(RecipeError, match="speculative"):
         export(tiny_model("llama", num_hidden_layers=4), tmp_path / "model.onnx",
                _recipe(1, 2, mode="confident"))
+
+
+def test_a_distilled_draft_without_adapter_or_tokenizer_is_a_clear_error(tmp_path,
+                                                                          monkeypatch):
+    # no adapter file yet: export trains it on first use, as llmcompile.generate does, which
+    # needs the model's tokenizer for the calibration text
+    monkeypatch.setenv("LLMCOMPILE_CACHE_DIR", str(tmp_path))  # an empty adapter cache
+    model = tiny_model("llama", num_hidden_layers=4)
+    with pytest.raises(ValueError, match="needs a tokenizer"):
+        export(model, tmp_path / "model.onnx", _recipe(2, 1, head="distilled"))
+    assert not (tmp_path / "model.onnx").exists()
