@@ -7,6 +7,14 @@
     sdpa(q, k, v, is_causal=True, scale=c)    ==>  llmcompile.attention(q, k, v, None, c,
                                                                        causal=True)
 
+    llmcompile.attention(q, repeat_kv(k), repeat_kv(v), ...)
+                                              ==>  llmcompile.attention(q, k, v, ...)
+
+The last rule removes the copies of K and V that eager grouped-query attention makes
+(``k[:, :, None].expand(B, Hkv, n, T, D).reshape(B, Hkv * n, T, D)``, transformers'
+``repeat_kv``, used whenever a mask is given): ``llmcompile.attention`` takes fewer K/V heads
+than query heads itself, and its CPU decomposition never copies the cache per query head.
+
 Each hand-written form also comes without ``+ mask`` (GPT-2 and GPT-J eager spell the first
 two, with an additive float mask; dropout is gone in inference). Rewriting SDPA too gives later
 passes one op whose mask *description* they may change (sparse attention).
@@ -156,9 +164,51 @@ def _sdpa_rule(masked: bool, causal: bool, gqa: bool) -> Rule:
                 check=check_attention("sdpa", causal), example=example)
 
 
+# --- grouped-query attention: drop repeat_kv -------------------------------------------------
+
+_VIEWS = {torch.ops.aten.reshape.default, torch.ops.aten.view.default,
+          torch.ops.aten._unsafe_view.default}
+
+
+def _unrepeated(node) -> tuple | None:
+    """(x, n) when ``node`` is ``x[:, :, None].expand(B, H, n, T, D).reshape(B, H * n, T, D)``."""
+    expand = node.args[0] if getattr(node, "target", None) in _VIEWS else None
+    if getattr(expand, "target", None) is not torch.ops.aten.expand.default:
+        return None
+    unsqueeze = expand.args[0]
+    if (getattr(unsqueeze, "target", None) is not torch.ops.aten.unsqueeze.default
+            or unsqueeze.args[1] not in (2, -3)):
+        return None
+    x = unsqueeze.args[0]
+    xs, es, ns = (tuple(n.meta["val"].shape) for n in (x, expand, node))
+    if not (len(xs) == 4 and len(es) == 5 and len(ns) == 4
+            and same_shape([*es[:2], *es[3:]], list(xs))
+            and same_shape(list(ns), [xs[0], xs[1] * es[2], xs[2], xs[3]])):
+        return None
+    return x, es[2]
+
+
+def check_repeated_kv(m: Match):
+    k, v = _unrepeated(m["k"]), _unrepeated(m["v"])
+    if k is None or v is None:
+        return Reject("k and v are not both repeat_kv copies (x[:, :, None].expand.reshape)")
+    if not same_shape([k[1]], [v[1]]):
+        return Reject(f"k and v are repeated {k[1]} and {v[1]} times")
+    return {"k": k[0], "v": v[0]}
+
+
+def _unrepeat_rule(masked: bool, causal: bool) -> Rule:
+    name = "attention_unrepeat_kv" + ("_masked" if masked else "") + ("_causal" if causal else "")
+    example = {n: _EXAMPLE[n] for n in ("qkv" if not masked else ("q", "k", "v", "mask"))}
+    return Rule(name, fused(masked, causal), fused(masked, causal), check=check_repeated_kv,
+                example=example)
+
+
 RULES = RuleSet("attention", [
     *(_manual_rule(s, masked) for s in ("mul", "div", "none") for masked in (True, False)),
     *(_sdpa_rule(masked, causal, gqa) for masked, causal in ((True, False), (False, True),
                                                            (False, False))
       for gqa in (False, True)),
+    *(_unrepeat_rule(masked, causal) for masked, causal in ((True, False), (False, True),
+                                                          (False, False))),
 ])

