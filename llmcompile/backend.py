@@ -41,7 +41,7 @@ log = logging.getLogger("llmcompile")
 
 __all__ = ["OPTIONS", "collect_reports", "fallbacks", "llmcompile_backend"]
 
-OPTIONS = ("recipe", "target", "fallback", "verify", "debug", "tokenizer")
+OPTIONS = ("recipe", "target", "fallback", "verify", "debug", "tokenizer", "cpp_wrapper")
 
 _collector: contextvars.ContextVar[list | None] = contextvars.ContextVar("llmc_reports",
                                                                            default=None)
@@ -76,9 +76,10 @@ def parse_options(options: Mapping[str, Any] | None) -> tuple[Recipe, dict[str, 
         fallback = False
     flags = {"fallback": fallback, "tokenizer": options.get("tokenizer"),
              "verify": options.get("verify", False),
+             "cpp_wrapper": options.get("cpp_wrapper", False),
              "debug": options.get("debug", os.environ.get("LLMCOMPILE_DEBUG", "") not in ("",
                                                                                            "0"))}
-    for key in ("fallback", "verify", "debug"):
+    for key in ("fallback", "verify", "debug", "cpp_wrapper"):
         if not isinstance(flags[key], bool):
             extra = " (or 'error')" if key == "fallback" else ""
             raise RecipeError(f"option {key!r} must be true or false{extra}, got "
@@ -121,7 +122,8 @@ def compile_graph(gm: fx.GraphModule, example_inputs: Sequence[Any], recipe: Rec
         written = mutated_inputs(program.graph)
         mutated = [i for i, n in enumerate(placeholders) if n in written]
         stage = "lower"
-        compiled = _lower(program, example_inputs, recipe, mode) if lower else program.gm
+        compiled = (_lower(program, example_inputs, recipe, mode, flags.get("cpp_wrapper", False))
+                    if lower else program.gm)
     except RecipeError:
         raise
     except Exception as e:
@@ -154,10 +156,11 @@ def llmcompile_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], *,
     log.warning("llmcompile: %s failed, so this graph runs on plain Inductor instead "
                 "(fallback %d in this process; options={'fallback': False} raises): %s",
                 what, len(_fallbacks), report.fallback)
-    return plain_inductor(gm, example_inputs, mode)
+    return plain_inductor(gm, example_inputs, mode, cpp_wrapper=flags["cpp_wrapper"])
 
 
-def _lower(program, example_inputs: Sequence[Any], recipe: Recipe, mode: str | None) -> Callable:
+def _lower(program, example_inputs: Sequence[Any], recipe: Recipe, mode: str | None,
+           cpp_wrapper: bool = False) -> Callable:
     if recipe.target == "eager":
         return program.gm
     if recipe.target == "onnxruntime":
@@ -166,4 +169,4 @@ def _lower(program, example_inputs: Sequence[Any], recipe: Recipe, mode: str | N
         return compile_onnxruntime(program, example_inputs, fingerprint=recipe.fingerprint())
     return compile_inductor(program, example_inputs, mode=mode,
                             post_grad=_post_grad_rules(recipe),
-                            fingerprint=recipe.fingerprint())
+                            fingerprint=recipe.fingerprint(), cpp_wrapper=cpp_wrapper)

@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import logging
+import os
 import time
 import types
 import weakref
@@ -193,6 +194,16 @@ def _with_exit(recipe: Recipe, config, **changes) -> Recipe:
     return dataclasses.replace(recipe, passes=passes)
 
 
+def cpp_wrapper_default(model: torch.nn.Module) -> bool:
+    """Whether :class:`Session` compiles its static graphs with Inductor's C++ wrapper: on a
+    CPU model (a decode step runs hundreds of small kernels; the Python wrapper's cost per
+    kernel was a third of a SmolLM2 int4 step), unless ``LLMCOMPILE_CPP_WRAPPER=0``."""
+    if os.environ.get("LLMCOMPILE_CPP_WRAPPER", "1") == "0":
+        return False
+    param = next(model.parameters(), None)
+    return param is None or param.device.type == "cpu"
+
+
 class Session:
     """The compiled graphs of one model under one recipe, and their static KV cache."""
 
@@ -211,9 +222,13 @@ class Session:
             options["tokenizer"] = tokenizer
         full = recipe if self.exit is None else _with_exit(recipe, self.exit, graph="full")
 
+        # the static graphs (decode step, drafts, verification) call their kernels from C++
+        wrapper = {"cpp_wrapper": cpp_wrapper_default(model)}
+
         def compiled(r: Recipe, dynamic: bool | None, label: str):
+            extra = wrapper if dynamic is False else {}
             return torch.compile(_entry_point(model, label), backend="llmcompile",
-                                 dynamic=dynamic, options={**options, "recipe": r})
+                                 dynamic=dynamic, options={**options, **extra, "recipe": r})
         self.prefill = compiled(full, None, "prefill")
         self.step = compiled(full, False, "step")
         self.exits: dict[int, Any] = {}

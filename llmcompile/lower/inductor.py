@@ -64,8 +64,11 @@ def _source(fn) -> str:
         return repr(fn)
 
 
-def _patches(mode: str | None, post_grad: RuleSet | None, fingerprint: str) -> dict[str, Any]:
+def _patches(mode: str | None, post_grad: RuleSet | None, fingerprint: str,
+             cpp_wrapper: bool = False) -> dict[str, Any]:
     patches = _compat.mode_options(mode)
+    if cpp_wrapper:
+        patches["cpp_wrapper"] = True
     if post_grad is not None and len(post_grad):
         existing = _compat.inductor_config.post_grad_custom_post_pass
         patches["post_grad_custom_post_pass"] = PostGradRules(post_grad, fingerprint, existing)
@@ -73,15 +76,23 @@ def _patches(mode: str | None, post_grad: RuleSet | None, fingerprint: str) -> d
 
 
 def compile_inductor(program: Program, example_inputs: Sequence[Any], *, mode: str | None = None,
-                     post_grad: RuleSet | None = None, fingerprint: str = ""):
+                     post_grad: RuleSet | None = None, fingerprint: str = "",
+                     cpp_wrapper: bool = False):
     """Compile the rewritten program with Inductor; returns the compiled callable.
 
-    Sparse attention (a window, sinks or blocks) runs as FlexAttention (:mod:`.flex`)."""
+    Sparse attention (a window, sinks or blocks) runs as FlexAttention (:mod:`.flex`).
+    ``cpp_wrapper``: Inductor calls the graph's kernels from generated C++ instead of Python
+    (no per-kernel Python cost; worth it for decode steps, which run many small kernels)."""
     if lower_sparse_attention(program):
         program.recompile()
-    return _compat.compile_fx(program.gm, example_inputs, _patches(mode, post_grad, fingerprint))
+    return _compat.compile_fx(program.gm, example_inputs,
+                              _patches(mode, post_grad, fingerprint, cpp_wrapper))
 
 
-def plain_inductor(gm: fx.GraphModule, example_inputs: Sequence[Any], mode: str | None = None):
+def plain_inductor(gm: fx.GraphModule, example_inputs: Sequence[Any], mode: str | None = None,
+                   cpp_wrapper: bool = False):
     """What ``torch.compile`` would do without llmcompile (the fallback)."""
-    return _compat.compile_fx(gm, example_inputs, _compat.mode_options(mode))
+    patches = _compat.mode_options(mode)
+    if cpp_wrapper:
+        patches["cpp_wrapper"] = True
+    return _compat.compile_fx(gm, example_inputs, patches)
