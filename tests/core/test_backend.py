@@ -199,6 +199,9 @@ def test_bad_verify_and_fallback_options_raise():
     with pytest.raises(llmcompile.RecipeError, match="'verify' must be true or false"):
         llmcompile.backend.parse_options({"verify": "yes"})
     assert llmcompile.backend.parse_options({"fallback": "error"})[1]["fallback"] is False
+    with pytest.raises(llmcompile.RecipeError, match="'cpp_wrapper' must be true or false"):
+        llmcompile.backend.parse_options({"cpp_wrapper": 1})
+    assert llmcompile.backend.parse_options({})[1]["cpp_wrapper"] is False
 
 
 def test_fallback_error_raises():

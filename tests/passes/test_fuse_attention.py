@@ -117,3 +117,66 @@ def test_sdpa_default_scale_needs_static_head_dim():
         return F.scaled_dot_product_attention(q, k, v)
 
     assert_declines(RULES, before, qkv()[:3], rule="sdpa", reason="static head dim")
+
+
+@pytest.mark.parametrize("target", ["eager", "inductor"])
+def test_grouped_query_attention_drops_repeat_kv(target, tmp_path, monkeypatch):
+    """transformers copies K/V per query head (repeat_kv) when a mask is given (a static
+    cache): the rule feeds the cache itself to llmcompile.attention, logits unchanged."""
+    import dataclasses
+
+    from transformers import StaticCache
+
+    import llmcompile
+    from llmcompile import backend as B
+    from llmcompile.tools.models import tiny_model
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
+    model = tiny_model("llama")  # 4 query heads, 2 KV heads
+    recipe = dataclasses.replace(llmcompile.load_recipe("default"), target=target)
+    seen = {}
+
+    def capture(gm, example_inputs):
+        compiled, report = B.compile_graph(gm, example_inputs, recipe, {"fallback": False},
+                                           lower=target != "eager")
+        seen["report"], seen["gm"] = report, (compiled if target == "eager" else None)
+        return compiled
+
+    prompt = torch.randint(3, 250, (1, 4), generator=torch.Generator().manual_seed(1))
+
+    def step(forward):
+        cache = StaticCache(config=model.config, max_cache_len=32)
+        with torch.no_grad():
+            model(input_ids=prompt, past_key_values=cache, cache_position=torch.arange(4))
+            return forward(input_ids=torch.tensor([[7]]), past_key_values=cache,
+                           cache_position=torch.tensor([4])).logits
+
+    expected = step(model.forward)
+    got = step(torch.compile(model.forward, backend=capture, dynamic=False))
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    assert seen["report"].counts()["attention_unrepeat_kv_masked"] == 2
+    if seen["gm"] is not None:
+        node = next(n for n in seen["gm"].graph.nodes if n.target is ops.attention.default)
+        assert node.args[1].meta["val"].shape[1] == 2  # the cache's 2 KV heads, not 4
+
+
+@pytest.mark.parametrize("rows", [1, 5, 9])  # decode (reductions) up to 16 rows a KV head; SDPA
+@pytest.mark.parametrize("heads_kv", [H, 2])
+@pytest.mark.parametrize("mask_kind", ["none", "bool", "float", "causal"])
+def test_attention_paths_agree_with_sdpa(rows, heads_kv, mask_kind):
+    torch.manual_seed(0)
+    t = 9
+    q = torch.randn(1, rows, H, E).transpose(1, 2)  # [B, H, S, E], as models lay it out
+    k, v = torch.randn(1, heads_kv, t, E), torch.randn(1, heads_kv, t, E)
+    keep = torch.rand(1, 1, rows, t) > 0.3
+    keep[..., 0] = True
+    mask = {"none": None, "bool": keep, "causal": None,
+            "float": torch.zeros(1, H, rows, t).masked_fill(~keep, float("-inf"))}[mask_kind]
+    causal = mask_kind == "causal"
+    full = ops.attention_keep(rows, t)[None, None] if causal else mask
+    group = H // heads_kv
+    expected = F.scaled_dot_product_attention(q, k.repeat_interleave(group, 1),
+                                              v.repeat_interleave(group, 1), attn_mask=full,
+                                              scale=0.3)
+    torch.testing.assert_close(ops.attention(q, k, v, mask, 0.3, causal), expected,
+                               rtol=1e-5, atol=1e-6)

@@ -227,3 +227,51 @@ def test_bench_weight_bytes_equal_the_cost_tools(result):
     decode = cost("llama", "default", machine=None).decode()
     assert decode.weights.subs(B, 1) == default["weight_bytes"]
     assert isinstance(decode.weights, sympy.Expr)
+
+
+def test_missing_llama_cpp_is_a_configuration_error(monkeypatch):
+    monkeypatch.setitem(sys.modules, "llama_cpp", None)  # import llama_cpp raises ImportError
+    out = bench.run_bench("llama", prompt_len=4, new_tokens=2, repeats=1,
+                          baselines=["eager", "llama.cpp"], recipes=[], bandwidth_mb=4,
+                          bandwidth_repeats=1, progress=False, predict=False)
+    eager, cpp = out["results"]
+    assert eager["error"] is None
+    assert "llama-cpp-python" in cpp["error"] and cpp["decode_tokens_per_s"] is None
+
+
+def test_gguf_bytes_count_the_tied_embedding_once():
+    from llmcompile.tools.peers_cpu import default_gguf, gguf_bytes
+
+    path = default_gguf()  # SmolLM2's file ties the LM head to the embedding: counted once
+    assert 50e6 < gguf_bytes(path) <= path.stat().st_size
+
+
+def test_generate_loop_and_hf_generate_baseline(tmp_path, monkeypatch):
+    """Recipes through llmcompile.generate's graphs, plain Inductor under HF generate: both
+    decode the eager model's greedy tokens (the float recipe is lossless)."""
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    out = bench.run_bench("llama", prompt_len=6, new_tokens=4, repeats=1,
+                          baselines=["eager", "inductor-hf-generate"], recipes=["default"],
+                          bandwidth_mb=4, bandwidth_repeats=1, progress=False, predict=False,
+                          loop="generate")
+    assert out["loop"] == "generate"
+    for entry in out["results"]:
+        assert entry["error"] is None, (entry["name"], entry["error"])
+        assert entry["tokens_match"] is True, entry["name"]
+        assert entry["decode_tokens_per_s"] > 0
+    with pytest.raises(ValueError, match="loop"):
+        bench.run_bench("llama", loop="python", progress=False)
+    with pytest.raises(FileNotFoundError, match="gguf"):
+        bench.run_bench("llama", gguf=str(tmp_path / "missing.gguf"), progress=False)
+
+
+@pytest.mark.skipif(__import__("importlib").util.find_spec("llama_cpp") is None,
+                    reason="llama-cpp-python is not installed")
+def test_llama_cpp_runner_decodes_the_shipped_gguf():
+    from llmcompile.tools.peers_cpu import LlamaCppRunner, default_gguf
+
+    prompt = torch.tensor([[1, 504, 3458, 282, 4649, 314]])
+    runner = LlamaCppRunner(default_gguf(), prompt, 4, threads=1)
+    first = runner.run()
+    assert len(first[2]) == 4 and len(first[1]) == 3 and first[0] > 0
+    assert runner.run()[2] == first[2]  # reset between runs: same greedy tokens
