@@ -130,6 +130,8 @@ def _decode_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None,
         scores = (scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool
                   else scores + mask)
     p = torch.softmax(scores, dim=-1)
+    if mask is not None:  # a fully masked row (left padding) attends to nothing: 0, as SDPA
+        p = torch.where(scores.amax(-1, keepdim=True) == float("-inf"), 0.0, p)
     out = (p.unsqueeze(-1) * v.float().unsqueeze(-3)).sum(-2)
     return out.to(q.dtype).view(b, h, s, out.shape[-1])
 

@@ -162,7 +162,7 @@ def test_grouped_query_attention_drops_repeat_kv(target, tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("rows", [1, 5, 9])  # decode (reductions) up to 16 rows a KV head; SDPA
 @pytest.mark.parametrize("heads_kv", [H, 2])
-@pytest.mark.parametrize("mask_kind", ["none", "bool", "float", "causal"])
+@pytest.mark.parametrize("mask_kind", ["none", "bool", "float", "causal", "padded"])
 def test_attention_paths_agree_with_sdpa(rows, heads_kv, mask_kind):
     torch.manual_seed(0)
     t = 9
@@ -170,7 +170,9 @@ def test_attention_paths_agree_with_sdpa(rows, heads_kv, mask_kind):
     k, v = torch.randn(1, heads_kv, t, E), torch.randn(1, heads_kv, t, E)
     keep = torch.rand(1, 1, rows, t) > 0.3
     keep[..., 0] = True
-    mask = {"none": None, "bool": keep, "causal": None,
+    if mask_kind == "padded":  # a fully masked query row (left padding): SDPA gives it 0
+        keep[..., 0, :] = False
+    mask = {"none": None, "bool": keep, "causal": None, "padded": keep,
             "float": torch.zeros(1, H, rows, t).masked_fill(~keep, float("-inf"))}[mask_kind]
     causal = mask_kind == "causal"
     full = ops.attention_keep(rows, t)[None, None] if causal else mask
