@@ -123,8 +123,6 @@ def test_sdpa_default_scale_needs_static_head_dim():
 def test_grouped_query_attention_drops_repeat_kv(target, tmp_path, monkeypatch):
     """transformers copies K/V per query head (repeat_kv) when a mask is given (a static
     cache): the rule feeds the cache itself to llmcompile.attention, logits unchanged."""
-    import dataclasses
-
     from transformers import StaticCache
 
     import llmcompile
@@ -133,7 +131,11 @@ def test_grouped_query_attention_drops_repeat_kv(target, tmp_path, monkeypatch):
 
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
     model = tiny_model("llama")  # 4 query heads, 2 KV heads
-    recipe = dataclasses.replace(llmcompile.load_recipe("default"), target=target)
+    recipe = llmcompile.load_recipe({"name": "unrepeat", "target": target,
+                                     "passes": [{"name": "fuse", "unrepeat_kv": True}]})
+    from llmcompile.passes.fusion import FuseConfig
+
+    assert "attention_unrepeat_kv_masked" not in FuseConfig().rules().names  # opt-in for now
     seen = {}
 
     def capture(gm, example_inputs):
