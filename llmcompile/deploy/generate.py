@@ -208,7 +208,7 @@ class Session:
     """The compiled graphs of one model under one recipe, and their static KV cache."""
 
     def __init__(self, model: torch.nn.Module, recipe: Recipe, tokenizer: Any = None,
-                 adapters: dict[int, str] | None = None):
+                 adapters: dict[int, str] | None = None, cpp_wrapper: bool | None = None):
         self.model = model
         self.recipe = recipe
         self.num_layers = _num_layers(model)
@@ -223,7 +223,9 @@ class Session:
         full = recipe if self.exit is None else _with_exit(recipe, self.exit, graph="full")
 
         # the static graphs (decode step, drafts, verification) call their kernels from C++
-        wrapper = {"cpp_wrapper": cpp_wrapper_default(model)}
+        if cpp_wrapper is None:
+            cpp_wrapper = cpp_wrapper_default(model)
+        wrapper = {"cpp_wrapper": cpp_wrapper}
 
         def compiled(r: Recipe, dynamic: bool | None, label: str):
             extra = wrapper if dynamic is False else {}

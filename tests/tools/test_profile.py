@@ -14,6 +14,7 @@ from llmcompile.tools.profile import CLASSES, classify, profile_decode
     ("aten::addmm", [[192], [1, 64], [64, 192]], "float matmul"),
     ("aten::_scaled_dot_product_flash_attention_for_cpu", [], "attention"),
     ("graph_3_cpp_fused_index_copy_2", [], "cache writes"),
+    ("graph_1_cpp_fused__softmax_amax_index_copy_sum_1", [], "attention"),
     ("graph_3_cpp_fused__to_copy_add_mean_mul_pow_rsqrt_0", [], "other generated kernels"),
     ("aten::index_copy_", [], "cache writes"),
     ("aten::argmax", [], "other ATen ops"),
@@ -36,6 +37,7 @@ def test_profile_decode_splits_the_step_of_a_tiny_model(tmp_path, monkeypatch):
     # int8 packs every linear, LM head included; the generated kernels are named
     assert split.ms.get("packed int8 matmul", 0) > 0 and split.ms.get("LM head", 0) > 0
     assert split.ms.get("other generated kernels", 0) > 0
+    assert split.ms.get("attention", 0) > 0  # decode attention, fused with the cache write
     assert sum(split.ms.values()) == pytest.approx(split.step_ms, rel=1e-6) or \
         split.ms["overhead"] == 0
     text = split.format(top=3)
