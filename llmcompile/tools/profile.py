@@ -4,7 +4,8 @@ Greedy decoding runs through :func:`llmcompile.generate`'s compiled step (the gr
 compiled with Inductor's per-kernel profiling on, so its generated C++ kernels show up by name)
 under ``torch.profiler`` on the CPU. The mean step time is split into:
 
-* **float matmuls** and **packed int8 / int4 matmuls** (the linear layers),
+* **float matmuls** and **packed int8 / int4 matmuls** (the linear layers: ATen's or
+  llmcompile's own decode kernels, ``llmcompile_cpu::linear_*``),
 * **LM head** (the matmul whose output is the vocabulary, whatever its format),
 * **attention** (SDPA, FlexAttention or a fused attention kernel),
 * **cache writes** (Inductor kernels whose origin is the KV cache's ``index_copy`` / ``copy``),
@@ -61,14 +62,15 @@ def classify(name: str, shapes: Iterable[Iterable[int]] = (), vocab: int = 0) ->
         return None
     dims = {d for s in shapes for d in s}
     is_mm = (name in _FLOAT_MM or "_weight_int8pack_mm" in name or "_weight_int4pack_mm" in name
-             or "matmul_nbits" in name or "int4_linear" in name or "int8_linear" in name)
+             or "matmul_nbits" in name or "int4_linear" in name or "int8_linear" in name
+             or name.startswith("llmcompile_cpu::linear"))
     if is_mm and vocab and vocab in dims:
         return "LM head"
-    if "_weight_int8pack_mm" in name:
+    if "_weight_int8pack_mm" in name or name == "llmcompile_cpu::linear_int8":
         return "packed int8 matmul"
     if "_weight_int4pack_mm" in name:
         return "packed int4 matmul"
-    if name in _FLOAT_MM:
+    if name in _FLOAT_MM or name == "llmcompile_cpu::linear_f32":
         return "float matmul"
     if _ATTENTION.search(name):
         return "attention"

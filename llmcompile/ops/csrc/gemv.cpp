@@ -1,0 +1,309 @@
+// Weight-streaming matmuls for decode on a CPU: y = x @ W^T for a few rows of x.
+//
+// A decode step multiplies one token (or a few: speculative verification) by every weight
+// matrix, so it is bound by how fast the weights stream from memory. ATen's packed int8 / int4
+// kernels and its float GEMV reach a third to a half of this machine's read bandwidth at one
+// row; these loops read each weight once, convert it in registers and keep up to four rows'
+// accumulators. Built by llmcompile.ops.kernels at first use with -march=native (AVX-512 or
+// AVX2 paths below, a scalar loop elsewhere). Larger x (prefill) goes to ATen.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#if defined(__AVX512F__) || defined(__AVX2__)
+#include <immintrin.h>
+#endif
+
+namespace {
+
+#if defined(__AVX512F__)
+constexpr int V = 16;
+using vec = __m512;
+inline vec vzero() { return _mm512_setzero_ps(); }
+inline vec vload(const float* p) { return _mm512_loadu_ps(p); }
+inline vec vfma(vec a, vec b, vec c) { return _mm512_fmadd_ps(a, b, c); }
+inline vec vadd(vec a, vec b) { return _mm512_add_ps(a, b); }
+inline vec vset(float a) { return _mm512_set1_ps(a); }
+inline float vsum(vec a) { return _mm512_reduce_add_ps(a); }
+inline vec vi8(const int8_t* p) {  // V signed bytes -> floats
+  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)p)));
+}
+inline void vnib(const uint8_t* p, vec& lo, vec& hi) {  // V bytes -> low / high nibbles
+  __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)p));
+  lo = _mm512_cvtepi32_ps(_mm512_and_si512(b, _mm512_set1_epi32(15)));
+  hi = _mm512_cvtepi32_ps(_mm512_srli_epi32(b, 4));
+}
+#elif defined(__AVX2__)
+constexpr int V = 8;
+using vec = __m256;
+inline vec vzero() { return _mm256_setzero_ps(); }
+inline vec vload(const float* p) { return _mm256_loadu_ps(p); }
+inline vec vfma(vec a, vec b, vec c) { return _mm256_fmadd_ps(a, b, c); }
+inline vec vadd(vec a, vec b) { return _mm256_add_ps(a, b); }
+inline vec vset(float a) { return _mm256_set1_ps(a); }
+inline float vsum(vec a) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+  s = _mm_hadd_ps(s, s);
+  s = _mm_hadd_ps(s, s);
+  return _mm_cvtss_f32(s);
+}
+inline vec vi8(const int8_t* p) {
+  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)p)));
+}
+inline void vnib(const uint8_t* p, vec& lo, vec& hi) {
+  __m256i b = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)p));
+  lo = _mm256_cvtepi32_ps(_mm256_and_si256(b, _mm256_set1_epi32(15)));
+  hi = _mm256_cvtepi32_ps(_mm256_srli_epi32(b, 4));
+}
+#else
+constexpr int V = 1;
+using vec = float;
+inline vec vzero() { return 0.f; }
+inline vec vload(const float* p) { return *p; }
+inline vec vfma(vec a, vec b, vec c) { return a * b + c; }
+inline vec vadd(vec a, vec b) { return a + b; }
+inline vec vset(float a) { return a; }
+inline float vsum(vec a) { return a; }
+inline vec vi8(const int8_t* p) { return (float)*p; }
+inline void vnib(const uint8_t* p, vec& lo, vec& hi) { lo = (float)(*p & 15); hi = (float)(*p >> 4); }
+#endif
+
+constexpr int64_t MAX_ROWS = 4;  // rows of x per pass over a weight row
+
+// sum over k of x[m, k] * w(k) for R rows of x, w converted 2V at a time by load(k, w0, w1);
+// two accumulators per row hide the FMA latency
+template <int R, typename Load>
+inline void dot_rows(const float* x, int64_t ldx, int64_t K, Load load, float* out) {
+  vec a0[R], a1[R];
+  for (int m = 0; m < R; ++m) a0[m] = a1[m] = vzero();
+  for (int64_t k = 0; k < K; k += 2 * V) {
+    vec w0, w1;
+    load(k, w0, w1);
+    for (int m = 0; m < R; ++m) {
+      a0[m] = vfma(vload(x + m * ldx + k), w0, a0[m]);
+      a1[m] = vfma(vload(x + m * ldx + k + V), w1, a1[m]);
+    }
+  }
+  for (int m = 0; m < R; ++m) out[m] = vsum(vadd(a0[m], a1[m]));
+}
+
+// calls f.template operator()<R>() with R = rows as a compile-time constant
+template <typename F>
+inline void with_rows(int64_t rows, F&& f) {
+  switch (rows) {
+    case 1: f(std::integral_constant<int, 1>{}); break;
+    case 2: f(std::integral_constant<int, 2>{}); break;
+    case 3: f(std::integral_constant<int, 3>{}); break;
+    default: f(std::integral_constant<int, 4>{}); break;
+  }
+}
+
+void check(const at::Tensor& x, const at::Tensor& w, int64_t k_per_row) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(),
+              "llmcompile_cpu: x must be a contiguous float32 [M, K] matrix");
+  TORCH_CHECK(w.dim() == 2 && w.is_contiguous() && w.size(1) * k_per_row == x.size(1),
+              "llmcompile_cpu: weight [N, K] does not match x's K");
+  TORCH_CHECK(x.size(1) % (2 * V) == 0, "llmcompile_cpu: K must be a multiple of ", 2 * V);
+}
+
+// y [M, N] from per-row dot products: rows of x in blocks of MAX_ROWS, weight rows in parallel
+template <typename RowDot>
+at::Tensor rows_times_weights(const at::Tensor& x, int64_t N, RowDot row_dot) {
+  const int64_t M = x.size(0);
+  auto y = at::empty({M, N}, x.options());
+  float* yp = y.data_ptr<float>();
+  at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
+    float out[MAX_ROWS];
+    for (int64_t m0 = 0; m0 < M; m0 += MAX_ROWS) {
+      const int64_t rows = std::min(MAX_ROWS, M - m0);
+      for (int64_t n = n0; n < n1; ++n) {
+        row_dot(m0, rows, n, out);
+        for (int64_t m = 0; m < rows; ++m) yp[(m0 + m) * N + n] = out[m];
+      }
+    }
+  });
+  return y;
+}
+
+}  // namespace
+
+// float32 weight [N, K]
+at::Tensor linear_f32(const at::Tensor& x, const at::Tensor& w) {
+  check(x, w, 1);
+  const int64_t K = x.size(1);
+  const float* xp = x.data_ptr<float>();
+  const float* wp = w.data_ptr<float>();
+  return rows_times_weights(x, w.size(0), [&](int64_t m0, int64_t rows, int64_t n, float* out) {
+    const float* wr = wp + n * K;
+    with_rows(rows, [&](auto r) {
+      dot_rows<r>(xp + m0 * K, K, K, [&](int64_t k, vec& w0, vec& w1) {
+        w0 = vload(wr + k);
+        w1 = vload(wr + k + V);
+      }, out);
+    });
+  });
+}
+
+// int8 weight [N, K], per-row scales [N] (float32): w = q * scale
+at::Tensor linear_int8(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales) {
+  check(x, w, 1);
+  TORCH_CHECK(w.scalar_type() == at::kChar && scales.scalar_type() == at::kFloat &&
+              scales.numel() == w.size(0), "llmcompile_cpu: int8 weight and float32 scales [N]");
+  const int64_t K = x.size(1);
+  const float* xp = x.data_ptr<float>();
+  const int8_t* wp = w.data_ptr<int8_t>();
+  const float* sp = scales.data_ptr<float>();
+  return rows_times_weights(x, w.size(0), [&](int64_t m0, int64_t rows, int64_t n, float* out) {
+    const int8_t* wr = wp + n * K;
+    with_rows(rows, [&](auto r) {
+      dot_rows<r>(xp + m0 * K, K, K, [&](int64_t k, vec& w0, vec& w1) {
+        w0 = vi8(wr + k);
+        w1 = vi8(wr + k + V);
+      }, out);
+    });
+    for (int64_t m = 0; m < rows; ++m) out[m] *= sp[n];
+  });
+}
+
+// int4 weight as bytes [N, K/2]: in group g (G values along K), byte j holds value j (low
+// nibble) and value j + G/2 (high nibble); w = q * scale[n, g] + low[n, g] (float32 [N, K/G]).
+// x is quantized to int8 per (row, group) (as llama.cpp's Q8 activations) so a group's sum of
+// q * x is an exact integer dot product (VNNI, or AVX2's maddubs): y = sum over groups of
+// scale * x_scale * sum(q * xq) + low * sum(x).
+namespace {
+
+#if defined(__AVX2__)
+constexpr int64_t CHUNK = 32;  // bytes of q per step: 64 int4 values
+inline __m256i dot_u8s8(__m256i acc, __m256i u, __m256i s) {
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+  return _mm256_dpbusd_epi32(acc, u, s);
+#elif defined(__AVXVNNI__)
+  return _mm256_dpbusd_avx_epi32(acc, u, s);
+#else
+  return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(u, s),
+                                                 _mm256_set1_epi16(1)));
+#endif
+}
+inline float hsum8(__m256 a) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+  s = _mm_hadd_ps(s, s);
+  s = _mm_hadd_ps(s, s);
+  return _mm_cvtss_f32(s);
+}
+
+// one weight row (NG groups of H bytes) times R quantized rows of x
+template <int R>
+inline void int4_row(const uint8_t* qr, const int8_t* xq, const float* xsc, const float* xsum,
+                     const float* sr, const float* lr, int64_t K, int64_t NG, int64_t H,
+                     float* out) {
+  const int64_t G = 2 * H;
+  const __m256i mask = _mm256_set1_epi8(15);
+  __m256 total[R];
+  for (int m = 0; m < R; ++m) total[m] = _mm256_setzero_ps();
+  for (int64_t g = 0; g < NG; ++g) {
+    __m256i acc[R];
+    for (int m = 0; m < R; ++m) acc[m] = _mm256_setzero_si256();
+    for (int64_t j = 0; j < H; j += CHUNK) {
+      const __m256i b = _mm256_loadu_si256((const __m256i*)(qr + g * H + j));
+      const __m256i lo = _mm256_and_si256(b, mask);
+      const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(b, 4), mask);
+      for (int m = 0; m < R; ++m) {
+        const int8_t* xg = xq + m * K + g * G + j;
+        acc[m] = dot_u8s8(acc[m], lo, _mm256_loadu_si256((const __m256i*)xg));
+        acc[m] = dot_u8s8(acc[m], hi, _mm256_loadu_si256((const __m256i*)(xg + H)));
+      }
+    }
+    for (int m = 0; m < R; ++m)
+      total[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[m]),
+                                 _mm256_set1_ps(sr[g] * xsc[m * NG + g]), total[m]);
+  }
+  for (int m = 0; m < R; ++m) {
+    float acc = hsum8(total[m]);
+    for (int64_t g = 0; g < NG; ++g) acc += lr[g] * xsum[m * NG + g];
+    out[m] = acc;
+  }
+}
+#else
+constexpr int64_t CHUNK = 1;
+template <int R>
+inline void int4_row(const uint8_t* qr, const int8_t* xq, const float* xsc, const float* xsum,
+                     const float* sr, const float* lr, int64_t K, int64_t NG, int64_t H,
+                     float* out) {
+  const int64_t G = 2 * H;
+  for (int m = 0; m < R; ++m) {
+    float total = 0.f;
+    for (int64_t g = 0; g < NG; ++g) {
+      int32_t acc = 0;
+      for (int64_t j = 0; j < H; ++j) {
+        const int8_t* xg = xq + m * K + g * G + j;
+        acc += (qr[g * H + j] & 15) * xg[0] + (qr[g * H + j] >> 4) * xg[H];
+      }
+      total += acc * sr[g] * xsc[m * NG + g] + lr[g] * xsum[m * NG + g];
+    }
+    out[m] = total;
+  }
+}
+#endif
+
+}  // namespace
+
+at::Tensor linear_int4(const at::Tensor& x, const at::Tensor& q, const at::Tensor& scale,
+                       const at::Tensor& low, int64_t G) {
+  check(x, q, 2);
+  const int64_t M = x.size(0), K = x.size(1), N = q.size(0);
+  TORCH_CHECK(q.scalar_type() == at::kByte && G % (2 * CHUNK) == 0 && K % G == 0,
+              "llmcompile_cpu: int4 bytes [N, K/2] with a group size that is a multiple of ",
+              2 * CHUNK);
+  const int64_t NG = K / G, H = G / 2;
+  TORCH_CHECK(scale.is_contiguous() && low.is_contiguous() && scale.numel() == N * NG &&
+              low.numel() == N * NG && scale.scalar_type() == at::kFloat &&
+              low.scalar_type() == at::kFloat, "llmcompile_cpu: float32 scale / low [N, K/G]");
+  // x per (row, group): int8 values, their scale and the group's float sum
+  auto xq = at::empty({M, K}, x.options().dtype(at::kChar));
+  auto xsc = at::empty({M, NG}, x.options());
+  auto xsum = at::empty({M, NG}, x.options());
+  const float* xp = x.data_ptr<float>();
+  int8_t* xqp = xq.data_ptr<int8_t>();
+  float* xscp = xsc.data_ptr<float>();
+  float* xsp = xsum.data_ptr<float>();
+  for (int64_t i = 0; i < M * NG; ++i) {
+    const float* xg = xp + i * G;
+    float amax = 0.f, sum = 0.f;
+    for (int64_t j = 0; j < G; ++j) {
+      amax = std::max(amax, std::abs(xg[j]));
+      sum += xg[j];
+    }
+    const float sc = amax > 0.f ? amax / 127.f : 1.f;
+    const float inv = 1.f / sc;
+    for (int64_t j = 0; j < G; ++j) xqp[i * G + j] = (int8_t)std::nearbyint(xg[j] * inv);
+    xscp[i] = sc;
+    xsp[i] = sum;
+  }
+  const uint8_t* qp = q.data_ptr<uint8_t>();
+  const float* sp = scale.data_ptr<float>();
+  const float* lp = low.data_ptr<float>();
+  return rows_times_weights(x, N, [&](int64_t m0, int64_t rows, int64_t n, float* out) {
+    with_rows(rows, [&](auto r) {
+      int4_row<r>(qp + n * (K / 2), xqp + m0 * K, xscp + m0 * NG, xsp + m0 * NG, sp + n * NG,
+                  lp + n * NG, K, NG, H, out);
+    });
+  });
+}
+
+int64_t vector_width() { return V; }
+
+TORCH_LIBRARY(llmcompile_cpu, m) {
+  m.def("linear_f32(Tensor x, Tensor w) -> Tensor");
+  m.def("linear_int8(Tensor x, Tensor w, Tensor scales) -> Tensor");
+  m.def("linear_int4(Tensor x, Tensor q, Tensor scale, Tensor low, int group_size) -> Tensor");
+  m.def("vector_width() -> int");
+}
+
+TORCH_LIBRARY_IMPL(llmcompile_cpu, CPU, m) {
+  m.impl("linear_f32", linear_f32);
+  m.impl("linear_int8", linear_int8);
+  m.impl("linear_int4", linear_int4);
+}
+
+TORCH_LIBRARY_IMPL(llmcompile_cpu, CompositeExplicitAutograd, m) {
+  m.impl("vector_width", vector_width);
+}
