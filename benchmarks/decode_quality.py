@@ -45,10 +45,7 @@ def main() -> None:
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--prefix", type=int, default=32, help="tokens given as a prefill first")
     args = p.parse_args()
-    from transformers import AutoTokenizer
-
-    model = load_smollm2()
-    tokenizer = AutoTokenizer.from_pretrained(smollm2_folder())
+    model, tokenizer = load_smollm2()
     windows = _windows(tokenizer, DEFAULT_TEXT.read_text(), args.windows, args.seq_len)
     print(f"SmolLM2, {len(windows)} windows x {args.seq_len} tokens of Emma, scored from token "
           f"{args.prefix} on through the decode step")
@@ -58,7 +55,8 @@ def main() -> None:
         for on in (True, False):
             kernels._state["ok"] = on and have
             torch._dynamo.reset()
-            ppl = decode_perplexity(Session(model, recipe, tokenizer), windows, args.prefix)
+            session = Session(model, recipe, str(smollm2_folder()))
+            ppl = decode_perplexity(session, windows, args.prefix)
             print(f"{name:<10} kernels {'on ' if on else 'off'}  perplexity {ppl:.3f}", flush=True)
 
 

@@ -7,7 +7,7 @@ a third to a half of the read bandwidth at one row (BENCHMARKS.md, "CPU decode")
 ``-march=native`` when built) and keep up to four rows' accumulators.
 
 :func:`load` compiles them with ``torch.utils.cpp_extension`` (the C++ compiler Inductor uses;
-about 30 s, once per machine: the build is cached under ``$LLMCOMPILE_CACHE_DIR`` or
+15-30 s, once per machine: the build is cached under ``$LLMCOMPILE_CACHE_DIR`` or
 ``~/.cache/llmcompile``, keyed by the source, torch's version and the CPU's flags).
 ``LLMCOMPILE_CPU_KERNELS=0`` turns them off; where the build fails, decode matmuls stay on ATen
 and a warning says why. The ops are registered in C++, so Inductor's C++ wrapper calls them
@@ -77,7 +77,7 @@ def load() -> bool:
         built = (where / f"{name}.so").exists()
         if not built:
             log.warning("llmcompile: building the CPU decode kernels (once per machine, "
-                        "about 30 s) in %s", where)
+                        "15-30 s) in %s", where)
         try:
             from torch.utils import cpp_extension
 

@@ -6,7 +6,8 @@
 // row; these loops read each weight once, convert it in registers and keep up to four rows'
 // accumulators. Built by llmcompile.ops.kernels at first use with -march=native (AVX-512 or
 // AVX2 paths below, a scalar loop elsewhere). Larger x (prefill) goes to ATen.
-#include <torch/extension.h>
+#include <ATen/ATen.h>
+#include <torch/library.h>
 #include <ATen/Parallel.h>
 
 #if defined(__AVX512F__) || defined(__AVX2__)
