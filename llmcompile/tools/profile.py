@@ -68,7 +68,7 @@ def classify(name: str, shapes: Iterable[Iterable[int]] = (), vocab: int = 0) ->
         return "LM head"
     if "_weight_int8pack_mm" in name or name == "llmcompile_cpu::linear_int8":
         return "packed int8 matmul"
-    if "_weight_int4pack_mm" in name:
+    if "_weight_int4pack_mm" in name or name == "llmcompile_cpu::linear_int4":
         return "packed int4 matmul"
     if name in _FLOAT_MM or name == "llmcompile_cpu::linear_f32":
         return "float matmul"

@@ -15,6 +15,8 @@ from llmcompile.tools.profile import CLASSES, classify, profile_decode
     ("llmcompile_cpu::linear_f32", [[1, 64], [192, 64]], "float matmul"),
     ("llmcompile_cpu::linear_int8", [[1, 64], [256, 64], [256]], "LM head"),
     ("llmcompile_cpu::linear_int8", [[1, 64], [192, 64], [192]], "packed int8 matmul"),
+    ("llmcompile_cpu::linear_int4", [[1, 64], [192, 32], [192, 1], [192, 1], []],
+     "packed int4 matmul"),
     ("aten::_scaled_dot_product_flash_attention_for_cpu", [], "attention"),
     ("graph_3_cpp_fused_index_copy_2", [], "cache writes"),
     ("graph_1_cpp_fused__softmax_amax_index_copy_sum_1", [], "attention"),
