@@ -146,18 +146,22 @@ def profile_decode(model: Any, recipe: Any = "default", *, tokenizer: Any = None
             activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=True) as pre:
         run.generate(prompt, 1)
     n = max(1, stats.new_tokens - 1)
-    totals: dict[tuple[str, str], float] = {}
+    # subtracted per (op, input shapes): a prefill op (more rows) never eats into the time of
+    # the same op at decode shapes, whatever the noise between the two runs
+    totals: dict[tuple[str, str, str], float] = {}
     for sign, p in ((1.0, prof), (-1.0, pre)):
         for e in p.key_averages(group_by_input_shape=True):
             cls = classify(e.key, e.input_shapes or (), vocab)
             if cls is not None:
-                key = (cls, e.key)
+                key = (cls, e.key, str(e.input_shapes))
                 totals[key] = totals.get(key, 0.0) + sign * e.self_cpu_time_total / 1e3
     split = StepSplit(recipe.name, step_s * 1e3, 1.0 / step_s)
-    for (cls, name), ms in totals.items():
+    per_kernel: dict[tuple[str, str], float] = {}
+    for (cls, name, _), ms in totals.items():
         per = max(0.0, ms / n)
         split.ms[cls] = split.ms.get(cls, 0.0) + per
-        split.kernels.append((cls, name, per))
+        per_kernel[(cls, name)] = per_kernel.get((cls, name), 0.0) + per
+    split.kernels.extend((cls, name, ms) for (cls, name), ms in per_kernel.items())
     split.kernels.sort(key=lambda k: -k[2])
     split.ms["overhead"] = max(0.0, split.step_ms - sum(split.ms.values()))
     return split
