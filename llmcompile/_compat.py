@@ -63,6 +63,13 @@ def fake_mode_for(values: Sequence[Any]):
     return FakeTensorMode(shape_env=ShapeEnv(), allow_non_fake_inputs=True)
 
 
+def static_fake_mode():
+    """A fake mode without a shape env: traced shapes stay the example's (a decode step)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    return FakeTensorMode(allow_non_fake_inputs=True)
+
+
 def trace_aten(fn: Callable, args: Sequence[Any], fake_mode) -> fx.GraphModule:
     """Trace ``fn`` to the normalized pre-dispatch ATen IR (linear, SDPA, silu survive).
 

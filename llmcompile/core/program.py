@@ -206,12 +206,14 @@ def capture_export(ep: torch.export.ExportedProgram, root: str = "") -> Program:
     return program
 
 
-def capture_function(fn, args: Sequence[Any], weights: Sequence[int] = ()) -> Program:
+def capture_function(fn, args: Sequence[Any], weights: Sequence[int] = (),
+                     static: bool = False) -> Program:
     """Trace a plain function on example ``args`` into a Program (tests, patterns).
 
-    ``weights`` lists the indices of ``args`` to treat as model weights.
+    ``weights`` lists the indices of ``args`` to treat as model weights. Shapes are symbolic
+    (as after Dynamo's dynamic recompile) unless ``static`` (as in a decode step's graph).
     """
-    fake_mode = _compat.fake_mode_for([])
+    fake_mode = _compat.static_fake_mode() if static else _compat.fake_mode_for([])
     with fake_mode:
         fake_args = [fake_mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args]
     gm = _compat.trace_aten(fn, fake_args, fake_mode)

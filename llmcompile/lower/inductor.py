@@ -20,6 +20,7 @@ from ..core.canonicalize import canonicalize
 from ..core.program import Program
 from ..core.rewrite import Stats, apply_rules
 from ..core.rules import RuleSet
+from .decode_attention import lower_decode_attention
 from .flex import lower_sparse_attention
 from .gemv import lower_cpu_gemv
 
@@ -84,8 +85,10 @@ def compile_inductor(program: Program, example_inputs: Sequence[Any], *, mode: s
     Sparse attention (a window, sinks or blocks) runs as FlexAttention (:mod:`.flex`).
     ``cpp_wrapper``: Inductor calls the graph's kernels from generated C++ instead of Python
     (no per-kernel Python cost; worth it for decode steps, which run many small kernels).
-    Small static CPU matmuls (decode) run llmcompile's own kernels (:mod:`.gemv`)."""
-    if lower_sparse_attention(program) + lower_cpu_gemv(program):
+    Small static CPU matmuls and attentions (decode) run llmcompile's own kernels
+    (:mod:`.gemv`, :mod:`.decode_attention`)."""
+    if (lower_sparse_attention(program) + lower_decode_attention(program)
+            + lower_cpu_gemv(program)):
         program.recompile()
     return _compat.compile_fx(program.gm, example_inputs,
                               _patches(mode, post_grad, fingerprint, cpp_wrapper))

@@ -4,7 +4,9 @@ Decode multiplies one token, or a few (speculative verification), by every weigh
 bound by how fast weights stream from memory. ATen's float32 GEMV and packed int8 matmul reach
 a third to a half of the read bandwidth at one row (BENCHMARKS.md, "CPU decode"); the loops in
 ``csrc/gemv.cpp`` read each weight once, convert it in registers (AVX-512 or AVX2, chosen by
-``-march=native`` when built) and keep up to four rows' accumulators.
+``-march=native`` when built) and keep up to four rows' accumulators. ``csrc/attention.cpp``
+attends a few query rows over a KV cache, reading only the keys the mask keeps (a static cache
+costs the positions in use, not its length).
 
 :func:`load` compiles them with ``torch.utils.cpp_extension`` (the C++ compiler Inductor uses;
 15-30 s, once per machine: the build is cached under ``$LLMCOMPILE_CACHE_DIR`` or
@@ -32,13 +34,16 @@ log = logging.getLogger("llmcompile")
 
 #: decode graphs with at most this many rows of activations use the kernels (prefill: ATen)
 MAX_ROWS = 16
-_SOURCE = Path(__file__).with_name("csrc") / "gemv.cpp"
+_CSRC = Path(__file__).with_name("csrc")
+_SOURCES = (_CSRC / "gemv.cpp", _CSRC / "attention.cpp")
 _lock = threading.Lock()
 _state: dict[str, object] = {}
 
 
 def _build_dir() -> tuple[str, Path]:
-    key = hashlib.sha256(_SOURCE.read_bytes())
+    key = hashlib.sha256()
+    for source in (*_SOURCES, _CSRC / "vec.h"):
+        key.update(source.read_bytes())
     key.update(torch.__version__.encode())
     key.update(" ".join(sorted(cpu.cpu_flags())).encode())
     name = f"llmcompile_cpu_{key.hexdigest()[:12]}"
@@ -61,6 +66,10 @@ def _register_fakes() -> None:
     def _(x, q, scale, low, group_size):
         return x.new_empty(x.shape[0], q.shape[0])
 
+    @torch.library.register_fake(lib + "decode_attention")
+    def _(q, k, v, mask, scale, causal):
+        return q.new_empty(*q.shape[:-1], v.shape[-1])
+
 
 def load() -> bool:
     """Build (first time on this machine) and load the kernels; False where they are off or the
@@ -82,7 +91,7 @@ def load() -> bool:
             from torch.utils import cpp_extension
 
             where.mkdir(parents=True, exist_ok=True)
-            cpp_extension.load(name, [str(_SOURCE)], build_directory=str(where),
+            cpp_extension.load(name, [str(s) for s in _SOURCES], build_directory=str(where),
                                extra_cflags=["-O3", "-march=native", "-fopenmp"],
                                extra_ldflags=["-fopenmp"], is_python_module=False,
                                verbose=False)

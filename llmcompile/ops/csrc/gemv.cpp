@@ -10,63 +10,11 @@
 #include <torch/library.h>
 #include <ATen/Parallel.h>
 
-#if defined(__AVX512F__) || defined(__AVX2__)
-#include <immintrin.h>
-#endif
+#include "vec.h"
 
 namespace {
 
-#if defined(__AVX512F__)
-constexpr int V = 16;
-using vec = __m512;
-inline vec vzero() { return _mm512_setzero_ps(); }
-inline vec vload(const float* p) { return _mm512_loadu_ps(p); }
-inline vec vfma(vec a, vec b, vec c) { return _mm512_fmadd_ps(a, b, c); }
-inline vec vadd(vec a, vec b) { return _mm512_add_ps(a, b); }
-inline vec vset(float a) { return _mm512_set1_ps(a); }
-inline float vsum(vec a) { return _mm512_reduce_add_ps(a); }
-inline vec vi8(const int8_t* p) {  // V signed bytes -> floats
-  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)p)));
-}
-inline void vnib(const uint8_t* p, vec& lo, vec& hi) {  // V bytes -> low / high nibbles
-  __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)p));
-  lo = _mm512_cvtepi32_ps(_mm512_and_si512(b, _mm512_set1_epi32(15)));
-  hi = _mm512_cvtepi32_ps(_mm512_srli_epi32(b, 4));
-}
-#elif defined(__AVX2__)
-constexpr int V = 8;
-using vec = __m256;
-inline vec vzero() { return _mm256_setzero_ps(); }
-inline vec vload(const float* p) { return _mm256_loadu_ps(p); }
-inline vec vfma(vec a, vec b, vec c) { return _mm256_fmadd_ps(a, b, c); }
-inline vec vadd(vec a, vec b) { return _mm256_add_ps(a, b); }
-inline vec vset(float a) { return _mm256_set1_ps(a); }
-inline float vsum(vec a) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
-  s = _mm_hadd_ps(s, s);
-  s = _mm_hadd_ps(s, s);
-  return _mm_cvtss_f32(s);
-}
-inline vec vi8(const int8_t* p) {
-  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)p)));
-}
-inline void vnib(const uint8_t* p, vec& lo, vec& hi) {
-  __m256i b = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)p));
-  lo = _mm256_cvtepi32_ps(_mm256_and_si256(b, _mm256_set1_epi32(15)));
-  hi = _mm256_cvtepi32_ps(_mm256_srli_epi32(b, 4));
-}
-#else
-constexpr int V = 1;
-using vec = float;
-inline vec vzero() { return 0.f; }
-inline vec vload(const float* p) { return *p; }
-inline vec vfma(vec a, vec b, vec c) { return a * b + c; }
-inline vec vadd(vec a, vec b) { return a + b; }
-inline vec vset(float a) { return a; }
-inline float vsum(vec a) { return a; }
-inline vec vi8(const int8_t* p) { return (float)*p; }
-inline void vnib(const uint8_t* p, vec& lo, vec& hi) { lo = (float)(*p & 15); hi = (float)(*p >> 4); }
-#endif
+using namespace llmcompile_cpu;
 
 constexpr int64_t MAX_ROWS = 4;  // rows of x per pass over a weight row
 
@@ -127,42 +75,41 @@ at::Tensor rows_times_weights(const at::Tensor& x, int64_t N, RowDot row_dot) {
 
 }  // namespace
 
+namespace {
+
+// y = x @ W^T for a dense weight [N, K] of float32 or int8, times a per-row scale if given
+template <typename T>
+at::Tensor dense_linear(const at::Tensor& x, const T* wp, int64_t N, const float* scales) {
+  const int64_t K = x.size(1);
+  const float* xp = x.data_ptr<float>();
+  return rows_times_weights(x, N, [&](int64_t m0, int64_t rows, int64_t n, float* out) {
+    const T* wr = wp + n * K;
+    with_rows(rows, [&](auto r) {
+      dot_rows<r>(xp + m0 * K, K, K, [&](int64_t k, vec& w0, vec& w1) {
+        w0 = vconv(wr + k);
+        w1 = vconv(wr + k + V);
+      }, out);
+    });
+    if (scales != nullptr)
+      for (int64_t m = 0; m < rows; ++m) out[m] *= scales[n];
+  });
+}
+
+}  // namespace
+
 // float32 weight [N, K]
 at::Tensor linear_f32(const at::Tensor& x, const at::Tensor& w) {
   check(x, w, 1);
-  const int64_t K = x.size(1);
-  const float* xp = x.data_ptr<float>();
-  const float* wp = w.data_ptr<float>();
-  return rows_times_weights(x, w.size(0), [&](int64_t m0, int64_t rows, int64_t n, float* out) {
-    const float* wr = wp + n * K;
-    with_rows(rows, [&](auto r) {
-      dot_rows<r>(xp + m0 * K, K, K, [&](int64_t k, vec& w0, vec& w1) {
-        w0 = vload(wr + k);
-        w1 = vload(wr + k + V);
-      }, out);
-    });
-  });
+  return dense_linear(x, w.data_ptr<float>(), w.size(0), nullptr);
 }
 
 // int8 weight [N, K], per-row scales [N] (float32): w = q * scale
 at::Tensor linear_int8(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales) {
   check(x, w, 1);
   TORCH_CHECK(w.scalar_type() == at::kChar && scales.scalar_type() == at::kFloat &&
-              scales.numel() == w.size(0), "llmcompile_cpu: int8 weight and float32 scales [N]");
-  const int64_t K = x.size(1);
-  const float* xp = x.data_ptr<float>();
-  const int8_t* wp = w.data_ptr<int8_t>();
-  const float* sp = scales.data_ptr<float>();
-  return rows_times_weights(x, w.size(0), [&](int64_t m0, int64_t rows, int64_t n, float* out) {
-    const int8_t* wr = wp + n * K;
-    with_rows(rows, [&](auto r) {
-      dot_rows<r>(xp + m0 * K, K, K, [&](int64_t k, vec& w0, vec& w1) {
-        w0 = vi8(wr + k);
-        w1 = vi8(wr + k + V);
-      }, out);
-    });
-    for (int64_t m = 0; m < rows; ++m) out[m] *= sp[n];
-  });
+              scales.is_contiguous() && scales.numel() == w.size(0),
+              "llmcompile_cpu: int8 weight and float32 scales [N]");
+  return dense_linear(x, w.data_ptr<int8_t>(), w.size(0), scales.data_ptr<float>());
 }
 
 // int4 weight as bytes [N, K/2]: in group g (G values along K), byte j holds value j (low
