@@ -29,12 +29,9 @@ from llmcompile.tools.quality import DEFAULT_TEXT, _windows
 def decode_perplexity(session: Session, windows: torch.Tensor, prefix: int) -> float:
     nll, count = 0.0, 0
     for ids in windows:
-        session._cache_for(ids.numel() + 1)
-        logits = session._run(session.prefill, ids[None, :prefix], 0)
-        for pos in range(prefix, ids.numel()):
-            nll += float(F.cross_entropy(logits[-1:].float(), ids[pos:pos + 1]))
-            count += 1
-            logits = session._run(session.step, ids[None, pos:pos + 1], pos)
+        logits = session.score(ids, prefix)  # one prefill, then one decode step per token
+        nll += float(F.cross_entropy(logits, ids[prefix:], reduction="sum"))
+        count += logits.shape[0]
     return math.exp(nll / count)
 
 

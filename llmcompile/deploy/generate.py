@@ -306,6 +306,20 @@ class Session:
         stats.new_tokens = len(out)
         return torch.cat([ids, torch.tensor([out], dtype=ids.dtype)], dim=1), stats
 
+    @torch.no_grad()
+    def score(self, input_ids: torch.Tensor, prefix: int) -> torch.Tensor:
+        """Teacher-forced next-token logits through the compiled graphs, as decoding runs them:
+        the first ``prefix`` tokens in one prefill, then one decode step per token. Row ``i``
+        of the result predicts token ``prefix + i`` (``len - prefix`` rows, float32)."""
+        ids = torch.as_tensor(input_ids).reshape(-1)
+        if not 0 < prefix < ids.numel():
+            raise ValueError(f"prefix must be in [1, {ids.numel() - 1}], got {prefix}")
+        self._cache_for(ids.numel() + 1)
+        rows = [self._run(self.prefill, ids[None, :prefix], 0)[-1]]
+        for pos in range(prefix, ids.numel() - 1):
+            rows.append(self._run(self.step, ids[None, pos:pos + 1], pos)[-1])
+        return torch.stack(rows).float()
+
     def _greedy(self, token, pos, budget, eos, stats) -> list[int]:
         out = [token]
         while len(out) < budget and token != eos:

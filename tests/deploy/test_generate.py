@@ -47,6 +47,18 @@ def test_plain_greedy_through_inductor_equals_hf_generate(model, prompt, referen
     assert stats.mode == "greedy" and stats.new_tokens == NEW
 
 
+def test_score_is_the_full_models_teacher_forced_logits(model, reference):
+    """Session.score: one prefill, then a decode step per token, on the compiled graphs."""
+    run = session(model, _recipe("inductor"))
+    got = run.score(reference[0], 5)
+    with torch.no_grad():
+        want = model(reference).logits[0, 4:-1]
+    assert got.shape == want.shape
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="prefix"):
+        run.score(reference[0], 0)
+
+
 @pytest.mark.parametrize("k", [1, 3, 5])
 @pytest.mark.parametrize("layer", [1, 3])
 def test_speculative_is_token_for_token_the_full_model(model, prompt, reference, k, layer):

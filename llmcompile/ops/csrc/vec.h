@@ -2,6 +2,8 @@
 // chosen when the kernels are built (-march=native): AVX-512 (16), AVX2 (8) or scalar (1).
 #pragma once
 
+#include <c10/util/Half.h>
+
 #include <cmath>
 #include <cstdint>
 
@@ -82,6 +84,14 @@ inline vec vround_down(vec a) { return std::floor(a); }
 inline vec vpow2i(vec n) { return std::ldexp(1.f, (int)n); }
 inline vec vzero_below(vec x, vec r, float lo) { return x >= lo ? r : 0.f; }
 #endif
+
+inline float h2f(c10::Half h) {  // one float16 -> float32 (one instruction with F16C)
+#if defined(__F16C__)
+  return _cvtsh_ss(h.x);
+#else
+  return static_cast<float>(h);
+#endif
+}
 
 // V consecutive weights as floats, whatever their storage
 inline vec vconv(const float* p) { return vload(p); }
