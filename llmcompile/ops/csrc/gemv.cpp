@@ -10,6 +10,8 @@
 #include <torch/library.h>
 #include <ATen/Parallel.h>
 
+#include <cstring>
+
 #include "vec.h"
 
 namespace {
@@ -193,6 +195,75 @@ inline void int4_row(const uint8_t* qr, const int8_t* xq, const float* xsc, cons
 }
 #endif
 
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
+constexpr bool PAIRS = true;
+// Groups of 64 two at a time in 512-bit registers: 64 bytes of q hold groups g and g + 1
+// ([g: 0..31 | g+1: 0..31], low nibbles = their first halves, high = their second halves), and
+// the quantized x of a pair is laid out to match ([g lo | g+1 lo | g hi | g+1 hi], see
+// x_offset); lanes 0-7 of the dot products are group g, 8-15 group g + 1, each scaled by its
+// own (weight scale x activation scale). Half the instructions of one group at a time. An odd
+// last group goes through 256-bit registers (its x in natural order).
+template <int R>
+inline void int4_row_pairs(const uint8_t* qr, const int8_t* xq, const float* xsc,
+                           const float* xsum, const at::Half* sr, const at::Half* lr, int64_t K,
+                           int64_t NG, float* out) {
+  const __m512i mask = _mm512_set1_epi8(15);
+  const __m512i blocks = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
+  __m512 total[R];
+  float tail[R];
+  for (int m = 0; m < R; ++m) {
+    total[m] = _mm512_setzero_ps();
+    tail[m] = 0.f;
+  }
+  int64_t g = 0;
+  for (; g + 2 <= NG; g += 2) {
+    const __m512i b = _mm512_loadu_si512(qr + g * 32);
+    const __m512i lo = _mm512_and_si512(b, mask);
+    const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(b, 4), mask);
+    int32_t s2;
+    std::memcpy(&s2, sr + g, 4);
+    const __m128 ws = _mm_cvtph_ps(_mm_cvtsi32_si128(s2));
+    for (int m = 0; m < R; ++m) {
+      const int8_t* xg = xq + m * K + g * 64;
+      __m512i acc = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, _mm512_loadu_si512(xg));
+      acc = _mm512_dpbusd_epi32(acc, hi, _mm512_loadu_si512(xg + 64));
+      const __m128 xs = _mm_castpd_ps(_mm_load_sd((const double*)(xsc + m * NG + g)));
+      const __m512 both = _mm512_permutexvar_ps(blocks,
+                                                _mm512_castps128_ps512(_mm_mul_ps(ws, xs)));
+      total[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc), both, total[m]);
+    }
+  }
+  if (g < NG) {
+    const __m256i mask8 = _mm256_set1_epi8(15);
+    const __m256i b = _mm256_loadu_si256((const __m256i*)(qr + g * 32));
+    const __m256i lo = _mm256_and_si256(b, mask8);
+    const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(b, 4), mask8);
+    for (int m = 0; m < R; ++m) {
+      const int8_t* xg = xq + m * K + g * 64;
+      __m256i acc = dot_u8s8(_mm256_setzero_si256(), lo, _mm256_loadu_si256((const __m256i*)xg));
+      acc = dot_u8s8(acc, hi, _mm256_loadu_si256((const __m256i*)(xg + 32)));
+      tail[m] = hsum8(_mm256_cvtepi32_ps(acc)) * h2f(sr[g]) * xsc[m * NG + g];
+    }
+  }
+  for (int m = 0; m < R; ++m) {
+    float acc = _mm512_reduce_add_ps(total[m]) + tail[m];
+    for (int64_t gg = 0; gg < NG; ++gg) acc += h2f(lr[gg]) * xsum[m * NG + gg];
+    out[m] = acc;
+  }
+}
+#else
+constexpr bool PAIRS = false;
+template <int R>
+inline void int4_row_pairs(const uint8_t*, const int8_t*, const float*, const float*,
+                           const at::Half*, const at::Half*, int64_t, int64_t, float*) {}
+#endif
+
+// where value j of group g (of 64) of a row of x goes in the pair layout (see int4_row_pairs)
+inline int64_t x_offset(int64_t g, int64_t j, int64_t NG) {
+  if (g == NG - 1 && NG % 2) return g * 64 + j;  // an odd last group: natural order
+  return (g / 2) * 128 + (j / 32) * 64 + (g % 2) * 32 + j % 32;
+}
+
 }  // namespace
 
 at::Tensor linear_int4(const at::Tensor& x, const at::Tensor& q, const at::Tensor& scale,
@@ -223,7 +294,11 @@ at::Tensor linear_int4(const at::Tensor& x, const at::Tensor& q, const at::Tenso
     }
     const float sc = amax > 0.f ? amax / 127.f : 1.f;
     const float inv = 1.f / sc;
-    for (int64_t j = 0; j < G; ++j) xqp[i * G + j] = (int8_t)std::nearbyint(xg[j] * inv);
+    const bool pairs = PAIRS && G == 64;
+    const int64_t row = i / NG, g = i % NG;
+    for (int64_t j = 0; j < G; ++j)
+      xqp[pairs ? row * K + x_offset(g, j, NG) : i * G + j] =
+          (int8_t)std::nearbyint(xg[j] * inv);
     xscp[i] = sc;
     xsp[i] = sum;
   }
@@ -232,8 +307,12 @@ at::Tensor linear_int4(const at::Tensor& x, const at::Tensor& q, const at::Tenso
   const at::Half* lp = low.data_ptr<at::Half>();
   return rows_times_weights(x, N, [&](int64_t m0, int64_t rows, int64_t n, float* out) {
     with_rows(rows, [&](auto r) {
-      int4_row<r>(qp + n * (K / 2), xqp + m0 * K, xscp + m0 * NG, xsp + m0 * NG, sp + n * NG,
-                  lp + n * NG, K, NG, H, out);
+      if (PAIRS && G == 64)
+        int4_row_pairs<r>(qp + n * (K / 2), xqp + m0 * K, xscp + m0 * NG, xsp + m0 * NG,
+                          sp + n * NG, lp + n * NG, K, NG, out);
+      else
+        int4_row<r>(qp + n * (K / 2), xqp + m0 * K, xscp + m0 * NG, xsp + m0 * NG,
+                    sp + n * NG, lp + n * NG, K, NG, H, out);
     });
   });
 }
