@@ -1,4 +1,4 @@
-"""Attention of one decode step on CPU, three ways, inside one compiled graph of 30 layers
+"""Attention of one decode step on CPU, four ways, inside one compiled graph of 30 layers
 (BENCHMARKS.md, "CPU decode"): SmolLM2's shapes after grouping query heads by KV head
 (3 KV heads x 3 query rows, 256 cached positions, head dim 64).
 
@@ -7,7 +7,9 @@
 * flash: ``F.scaled_dot_product_attention`` (Inductor calls the CPU flash kernel),
 * matmul: ``softmax(q @ kᵀ * c + mask) @ v``,
 * reductions: the same as two broadcast-multiply + sum reductions, which Inductor fuses into
-  one loop over K and one over V (what ``llmcompile.attention`` runs for a decode step).
+  one loop over K and one over V (``llmcompile.attention``'s reference for a decode step),
+* kernel: ``llmcompile_cpu.decode_attention`` (what a decode step runs where llmcompile's CPU
+  kernels build): it skips the masked positions without reading them.
 """
 
 import os
@@ -16,6 +18,8 @@ import time
 
 import torch
 import torch.nn.functional as F
+
+from llmcompile.ops import kernels
 
 LAYERS, KV_HEADS, ROWS, POSITIONS, DIM = 30, 3, 3, 256, 64
 
@@ -32,6 +36,10 @@ def matmul(q, k, v, mask):
 def reductions(q, k, v, mask):
     s = (q.unsqueeze(-2) * k.unsqueeze(-3)).sum(-1) * DIM ** -0.5 + mask
     return (torch.softmax(s, -1).unsqueeze(-1) * v.unsqueeze(-3)).sum(-2)
+
+
+def kernel(q, k, v, mask):
+    return torch.ops.llmcompile_cpu.decode_attention(q, k, v, mask, DIM ** -0.5, False)
 
 
 def layers(fn):
@@ -53,7 +61,10 @@ def main() -> None:
     mask = torch.zeros(1, 1, ROWS, POSITIONS)
     mask[..., 200:] = float("-inf")  # 200 positions filled
     expected = layers(flash)(q, ks, vs, mask)
-    for name, fn in (("flash", flash), ("matmul", matmul), ("reductions", reductions)):
+    variants = [("flash", flash), ("matmul", matmul), ("reductions", reductions)]
+    if kernels.available():
+        variants.append(("kernel", kernel))
+    for name, fn in variants:
         compiled = torch.compile(layers(fn), dynamic=False)
         error = (compiled(q, ks, vs, mask) - expected).abs().max().item()
         for _ in range(50):  # warm up: first-touch memory is slow
