@@ -29,9 +29,9 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     return torch.ops.llmcompile_cpu.decode_attention(q, k, v, mask, scale, causal)
 
 
-def _static(node, dims: int = 4) -> torch.Tensor | None:
+def _static(node) -> torch.Tensor | None:
     val = node.meta.get("val") if isinstance(node, fx.Node) else None
-    if (not isinstance(val, torch.Tensor) or val.device.type != "cpu" or val.dim() != dims
+    if (not isinstance(val, torch.Tensor) or val.device.type != "cpu" or val.dim() != 4
             or not all(isinstance(d, int) for d in val.shape)):
         return None
     return val
