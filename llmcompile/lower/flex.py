@@ -100,6 +100,8 @@ def sparse_attention(q, k, v, scale: float, window: int, sinks: int, block: int,
                               local, stride)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=keep, scale=scale,
                                               enable_gqa=gqa)
+    if gqa:  # Inductor's CPU flex template (torch 2.13) reads grouped K / V of other layouts
+        k, v = k.contiguous(), v.contiguous()  # wrongly (e.g. a rotary output): wrong numbers
     return flex_attention(q, k, v, block_mask=mask, scale=scale, enable_gqa=gqa)
 
 
