@@ -21,22 +21,21 @@ RULES = RuleSet("fusion", [
 ])
 
 
-#: rules off unless ``unrepeat_kv = true``: dropping transformers' repeat_kv copies changes the
-#: rule counts the architecture matrix records (tests/models/zoo_rules.json), to be re-recorded
-#: over the whole matrix before it becomes a default (BENCHMARKS.md, "CPU decode")
-OPT_IN = ("attention_unrepeat_kv*",)
+#: rules that ``unrepeat_kv = false`` turns off: grouped-query attention then takes transformers'
+#: repeat_kv copies of K and V (one per query head) instead of the cache's KV heads
+UNREPEAT = ("attention_unrepeat_kv*",)
 
 
 @dataclass(frozen=True)
 class FuseConfig(PassConfig):
     """Lossless operator fusion. ``include`` / ``exclude`` select rules by name glob;
-    ``unrepeat_kv`` turns on the :data:`OPT_IN` rules."""
+    ``unrepeat_kv`` (on by default) keeps the :data:`UNREPEAT` rules."""
 
     name: ClassVar[str] = "fuse"
     phase: ClassVar[str] = "fuse"
     include: tuple[str, ...] = ("*",)
     exclude: tuple[str, ...] = ()
-    unrepeat_kv: bool = False
+    unrepeat_kv: bool = True
 
     def validate(self) -> None:
         try:
@@ -45,5 +44,5 @@ class FuseConfig(PassConfig):
             raise RecipeError(f"fuse: {e}") from None
 
     def rules(self) -> RuleSet:
-        off = () if self.unrepeat_kv else OPT_IN
+        off = () if self.unrepeat_kv else UNREPEAT
         return RULES.select(self.include, (*self.exclude, *off))

@@ -13,14 +13,16 @@ OPTIONS = {"recipe": "default", "fallback": False}
 # Rules fired in a whole tiny model: 2 decoder layers, then the final norm. Per layer: one
 # attention, two norms, rotary on q and k, one Q/K/V and one gate/up GEMM, one gated
 # activation; the final norm makes 5 norms, and every norm but the first reads a residual sum.
-LLAMA = {"sdpa_masked": 2, "rmsnorm": 5, "add_rmsnorm": 4, "rotary": 4, "qkv_projection": 2,
-         "gate_up_projection": 2, "silu_mul": 2}
+# Their attention is grouped (fewer KV heads): it takes the KV heads, repeat_kv's copies dropped.
+LLAMA = {"sdpa_masked": 2, "attention_unrepeat_kv_masked": 2, "rmsnorm": 5, "add_rmsnorm": 4,
+         "rotary": 4, "qkv_projection": 2, "gate_up_projection": 2, "silu_mul": 2}
 EXPECTED = {
     "llama": LLAMA,
     "mistral": LLAMA,
     "qwen2": {**LLAMA, "qkv_projection": 0, "qkv_projection_bias": 2},
     # Phi-3 already has qkv_proj and gate_up_proj; its chunked gate/up still fuses into silu_mul
-    "phi3": {**LLAMA, "qkv_projection": 0, "gate_up_projection": 0},
+    "phi3": {**LLAMA, "qkv_projection": 0, "gate_up_projection": 0,
+             "attention_unrepeat_kv_masked": 0},  # (its tiny config is not grouped)
     # Gemma: (1 + w) norms, gelu-tanh MLP
     "gemma": {**LLAMA, "rmsnorm": 0, "rmsnorm_offset": 5, "silu_mul": 0, "gelu_tanh_mul": 2},
     "gpt2": {"sdpa_masked": 2},  # Conv1D projections are addmm; layer norms are aten ops

@@ -132,10 +132,11 @@ def test_grouped_query_attention_drops_repeat_kv(target, tmp_path, monkeypatch):
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
     model = tiny_model("llama")  # 4 query heads, 2 KV heads
     recipe = llmcompile.load_recipe({"name": "unrepeat", "target": target,
-                                     "passes": [{"name": "fuse", "unrepeat_kv": True}]})
+                                     "passes": [{"name": "fuse"}]})
     from llmcompile.passes.fusion import FuseConfig
 
-    assert "attention_unrepeat_kv_masked" not in FuseConfig().rules().names  # opt-in for now
+    assert "attention_unrepeat_kv_masked" in FuseConfig().rules().names  # on by default
+    assert "attention_unrepeat_kv_masked" not in FuseConfig(unrepeat_kv=False).rules().names
     seen = {}
 
     def capture(gm, example_inputs):
