@@ -11,7 +11,9 @@ costs the positions in use, not its length).
 :func:`load` compiles them with ``torch.utils.cpp_extension`` (the C++ compiler Inductor uses;
 15-30 s, once per machine: the build is cached under ``$LLMCOMPILE_CACHE_DIR`` or
 ``~/.cache/llmcompile``, keyed by the source, torch's version and the CPU's flags).
-``LLMCOMPILE_CPU_KERNELS=0`` turns them off; where the build fails, decode matmuls stay on ATen
+``LLMCOMPILE_CPU_KERNELS=0`` turns them off; ``LLMCOMPILE_CPU_MARCH`` builds them for another
+``-march`` than ``native`` (e.g. ``x86-64-v3``: the AVX2 paths on an AVX-512 machine, for tests
+and AVX2 measurements); where the build fails, decode matmuls stay on ATen
 and a warning says why. The ops are registered in C++, so Inductor's C++ wrapper calls them
 without Python. :mod:`llmcompile.lower.gemv` puts them in decode graphs.
 """
@@ -46,9 +48,14 @@ def _build_dir() -> tuple[str, Path]:
         key.update(source.read_bytes())
     key.update(torch.__version__.encode())
     key.update(" ".join(sorted(cpu.cpu_flags())).encode())
+    key.update(_march().encode())
     name = f"llmcompile_cpu_{key.hexdigest()[:12]}"
     root = Path(os.environ.get("LLMCOMPILE_CACHE_DIR") or Path.home() / ".cache" / "llmcompile")
     return name, root / "kernels" / name
+
+
+def _march() -> str:
+    return os.environ.get("LLMCOMPILE_CPU_MARCH") or "native"
 
 
 def _register_fakes() -> None:
@@ -92,7 +99,7 @@ def load() -> bool:
 
             where.mkdir(parents=True, exist_ok=True)
             cpp_extension.load(name, [str(s) for s in _SOURCES], build_directory=str(where),
-                               extra_cflags=["-O3", "-march=native", "-fopenmp"],
+                               extra_cflags=["-O3", f"-march={_march()}", "-fopenmp"],
                                extra_ldflags=["-fopenmp"], is_python_module=False,
                                verbose=False)
             _register_fakes()

@@ -11,6 +11,7 @@
 #include <ATen/Parallel.h>
 
 #include <cstring>
+#include <vector>
 
 #include "vec.h"
 
@@ -264,6 +265,34 @@ inline int64_t x_offset(int64_t g, int64_t j, int64_t NG) {
   return (g / 2) * 128 + (j / 32) * 64 + (g % 2) * 32 + j % 32;
 }
 
+// rows of x [M, K] to int8 per group of G (scale amax / 127, nearest even as
+// std::nearbyint), in the pair layout when `pairs`; the groups' scales and float sums
+void quantize_groups(const float* xp, int64_t M, int64_t K, int64_t G, bool pairs, int8_t* xq,
+                     float* xsc, float* xsum) {
+  const int64_t NG = K / G;
+  for (int64_t i = 0; i < M * NG; ++i) {
+    const float* xg = xp + i * G;
+    vec amax = vzero(), sum = vzero();
+    for (int64_t j = 0; j < G; j += V) {
+      const vec a = vload(xg + j);
+      amax = vmax(amax, vabs(a));
+      sum = vadd(sum, a);
+    }
+    float m = 0.f;
+    alignas(64) float lanes[V];
+    vstore(lanes, amax);
+    for (int l = 0; l < V; ++l) m = std::max(m, lanes[l]);
+    const float sc = m > 0.f ? m / 127.f : 1.f;
+    const vec inv = vset(1.f / sc);
+    const int64_t row = i / NG, g = i % NG;
+    for (int64_t j = 0; j < G; j += V)  // V <= 32 values stay contiguous in either layout
+      vstore_i8(xq + (pairs ? row * K + x_offset(g, j, NG) : i * G + j),
+                vmul(vload(xg + j), inv));
+    xsc[i] = sc;
+    xsum[i] = vsum(sum);
+  }
+}
+
 }  // namespace
 
 at::Tensor linear_int4(const at::Tensor& x, const at::Tensor& q, const at::Tensor& scale,
@@ -277,31 +306,17 @@ at::Tensor linear_int4(const at::Tensor& x, const at::Tensor& q, const at::Tenso
   TORCH_CHECK(scale.is_contiguous() && low.is_contiguous() && scale.numel() == N * NG &&
               low.numel() == N * NG && scale.scalar_type() == at::kHalf &&
               low.scalar_type() == at::kHalf, "llmcompile_cpu: float16 scale / low [N, K/G]");
-  // x per (row, group): int8 values, their scale and the group's float sum
-  auto xq = at::empty({M, K}, x.options().dtype(at::kChar));
-  auto xsc = at::empty({M, NG}, x.options());
-  auto xsum = at::empty({M, NG}, x.options());
-  const float* xp = x.data_ptr<float>();
-  int8_t* xqp = xq.data_ptr<int8_t>();
-  float* xscp = xsc.data_ptr<float>();
-  float* xsp = xsum.data_ptr<float>();
-  for (int64_t i = 0; i < M * NG; ++i) {
-    const float* xg = xp + i * G;
-    float amax = 0.f, sum = 0.f;
-    for (int64_t j = 0; j < G; ++j) {
-      amax = std::max(amax, std::abs(xg[j]));
-      sum += xg[j];
-    }
-    const float sc = amax > 0.f ? amax / 127.f : 1.f;
-    const float inv = 1.f / sc;
-    const bool pairs = PAIRS && G == 64;
-    const int64_t row = i / NG, g = i % NG;
-    for (int64_t j = 0; j < G; ++j)
-      xqp[pairs ? row * K + x_offset(g, j, NG) : i * G + j] =
-          (int8_t)std::nearbyint(xg[j] * inv);
-    xscp[i] = sc;
-    xsp[i] = sum;
-  }
+  // x per (row, group): int8 values, their scale and the group's float sum (buffers kept per
+  // calling thread: no allocation per call)
+  thread_local std::vector<int8_t> xq;
+  thread_local std::vector<float> xsc, xsum;
+  xq.resize(M * K);
+  xsc.resize(M * NG);
+  xsum.resize(M * NG);
+  int8_t* xqp = xq.data();
+  float* xscp = xsc.data();
+  float* xsp = xsum.data();
+  quantize_groups(x.data_ptr<float>(), M, K, G, PAIRS && G == 64, xqp, xscp, xsp);
   const uint8_t* qp = q.data_ptr<uint8_t>();
   const at::Half* sp = scale.data_ptr<at::Half>();
   const at::Half* lp = low.data_ptr<at::Half>();

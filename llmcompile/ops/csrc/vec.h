@@ -37,6 +37,10 @@ inline vec vpow2i(vec n) {  // 2^n for integral n in [-126, 127]
 inline vec vzero_below(vec x, vec r, float lo) {  // r where x >= lo, else 0
   return _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(x, vset(lo), _CMP_GE_OQ), r);
 }
+inline vec vabs(vec a) { return _mm512_abs_ps(a); }
+inline void vstore_i8(int8_t* p, vec a) {  // rounded to nearest even, saturated, V bytes
+  _mm_storeu_si128((__m128i*)p, _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(a)));
+}
 #elif defined(__AVX2__)
 constexpr int V = 8;
 using vec = __m256;
@@ -66,6 +70,12 @@ inline vec vpow2i(vec n) {
 inline vec vzero_below(vec x, vec r, float lo) {
   return _mm256_and_ps(r, _mm256_cmp_ps(x, vset(lo), _CMP_GE_OQ));
 }
+inline vec vabs(vec a) { return _mm256_andnot_ps(_mm256_set1_ps(-0.f), a); }
+inline void vstore_i8(int8_t* p, vec a) {
+  const __m256i i = _mm256_cvtps_epi32(a);
+  const __m128i s16 = _mm_packs_epi32(_mm256_castsi256_si128(i), _mm256_extracti128_si256(i, 1));
+  _mm_storel_epi64((__m128i*)p, _mm_packs_epi16(s16, s16));
+}
 #else
 constexpr int V = 1;
 using vec = float;
@@ -83,6 +93,10 @@ inline vec vi8(const int8_t* p) { return (float)*p; }
 inline vec vround_down(vec a) { return std::floor(a); }
 inline vec vpow2i(vec n) { return std::ldexp(1.f, (int)n); }
 inline vec vzero_below(vec x, vec r, float lo) { return x >= lo ? r : 0.f; }
+inline vec vabs(vec a) { return std::fabs(a); }
+inline void vstore_i8(int8_t* p, vec a) {
+  *p = (int8_t)std::fmax(-128.f, std::fmin(127.f, std::nearbyint(a)));
+}
 #endif
 
 inline float h2f(c10::Half h) {  // one float16 -> float32 (one instruction with F16C)
