@@ -6,8 +6,9 @@ in neither, so a transformers release that adds one is noticed.
 How the lists were made (transformers 5.24, torch 2.13): every model type of
 ``MODEL_FOR_CAUSAL_LM_MAPPING_NAMES`` was built with the generic tiny sizes of
 :func:`llmcompile.tools.models.tiny_config` (2 layers, hidden 64), run eagerly, then captured
-fullgraph by Dynamo. 30 dense decoder-only families are the matrix: 180 cells, about what CI can
-afford (45 minutes in all).
+fullgraph by Dynamo; the architectures transformers 5.25 added (ergo, kolibri1_1, minicpm5_moe,
+param2moe: all mixtures of experts) were classified the same way. 30 dense decoder-only
+families are the matrix: 180 cells, about what CI can afford (45 minutes in all).
 """
 
 from __future__ import annotations
@@ -32,11 +33,11 @@ _LEFT_OUT: dict[str, tuple[str, ...]] = {
      "(custom op transformers.grouped_mm_fallback has no ONNX translation; a clear "
      "OnnxLoweringError and an Inductor fallback, measured on 27 of them), so no cell "
      "would pass on that target; the Inductor target alone is left out for CI time"): (
-        "afmoe", "aria_text", "cohere2_moe", "deepseek_v4", "dots1", "ernie4_5_moe", "exaone_moe",
-        "flex_olmo", "glm4_moe", "granitemoe", "granitemoe_swa", "granitemoeshared",
+        "afmoe", "aria_text", "cohere2_moe", "deepseek_v4", "dots1", "ergo", "ernie4_5_moe",
+        "exaone_moe", "flex_olmo", "glm4_moe", "granitemoe", "granitemoe_swa", "granitemoeshared",
         "hunyuan_v1_moe", "hy_v3", "jetmoe", "kolibri1", "laguna", "llama4_text", "mellum",
-        "mimo_v2_flash", "minimax", "minimax_m2", "minimax_m3_vl_text", "mixtral", "olmoe",
-        "phimoe", "qwen2_moe", "qwen3_moe", "sarvam_moe", "solar_open",
+        "mimo_v2_flash", "minicpm5_moe", "minimax", "minimax_m2", "minimax_m3_vl_text", "mixtral",
+        "olmoe", "param2moe", "phimoe", "qwen2_moe", "qwen3_moe", "sarvam_moe", "solar_open",
     ),
     ("dense decoder-only: captured fullgraph, left out of the matrix to keep CI under 45 minutes "
      "(same block types as the dense families in ZOO)"): (
@@ -48,10 +49,10 @@ _LEFT_OUT: dict[str, tuple[str, ...]] = {
         "persimmon", "seed_oss", "vaultgemma", "xglm",
     ),
     ("its tiny config does not build or run eagerly with the generic sizes (measured on "
-     "transformers 5.24)"): (
+     "transformers 5.24; kolibri1_1 on 5.25: its indexed-attention heads reject them)"): (
         "axk1", "axk2", "cohere_compass_text", "dbrx", "deepseek_v2", "deepseek_v3", "dots3_note",
         "dots3_note_text", "gemma3n", "gemma3n_text", "gemma4_assistant", "glm4_moe_lite",
-        "gpt_neo", "lfm2_moe", "longcat_flash", "mamba2", "minicpm3", "musicgen",
+        "gpt_neo", "kolibri1_1", "lfm2_moe", "longcat_flash", "mamba2", "minicpm3", "musicgen",
         "musicgen_melody", "plbart", "prophetnet", "qwen4_exp", "reformer", "sarvam_mla",
         "whisper", "xlnet", "xmod", "youtu", "zamba", "zamba2", "zaya",
     ),
