@@ -30,7 +30,7 @@ import torch.fx as fx
 
 from .analysis.delta import CostObserver
 from .core.pipeline import Report, UserRules, run_pipeline
-from .core.program import capture_dynamo, mutated_inputs
+from .core.program import capture_dynamo, mutated_inputs, publish_compiled
 from .core.recipe import Recipe, RecipeError
 from .core.rules import RuleSet
 from .core.verify import verified
@@ -149,6 +149,7 @@ def llmcompile_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], *,
         log.warning("llmcompile pass report:\n%s", report.format())
     _publish(report)
     if compiled is not None:
+        publish_compiled(gm, example_inputs, compiled)
         return compiled
     _fallbacks.append(report)
     what = {"capture": "capturing the graph", "pipeline": f"recipe {report.recipe!r}",
@@ -156,7 +157,9 @@ def llmcompile_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], *,
     log.warning("llmcompile: %s failed, so this graph runs on plain Inductor instead "
                 "(fallback %d in this process; options={'fallback': False} raises): %s",
                 what, len(_fallbacks), report.fallback)
-    return plain_inductor(gm, example_inputs, mode, cpp_wrapper=flags["cpp_wrapper"])
+    compiled = plain_inductor(gm, example_inputs, mode, cpp_wrapper=flags["cpp_wrapper"])
+    publish_compiled(gm, example_inputs, compiled)
+    return compiled
 
 
 def _lower(program, example_inputs: Sequence[Any], recipe: Recipe, mode: str | None,

@@ -8,9 +8,10 @@ passes may rewrite weights once, at compile time.
 
 from __future__ import annotations
 
+import contextvars
 import itertools
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,7 +21,43 @@ import torch.fx as fx
 from .. import _compat
 from .canonicalize import VIEW_OPS
 
-__all__ = ["Program", "capture_dynamo", "capture_export", "capture_function"]
+__all__ = ["CompiledGraph", "Program", "capture_dynamo", "capture_export", "capture_function",
+           "collect_compiled", "publish_compiled"]
+
+
+@dataclass
+class CompiledGraph:
+    """A graph a backend compiled: Dynamo's graph, the real inputs of the call that compiled
+    it (placeholder order) and the callable Dynamo calls with such inputs."""
+
+    gm: fx.GraphModule
+    example_inputs: list
+    compiled: Callable
+
+
+_compiled_sink: contextvars.ContextVar[list | None] = contextvars.ContextVar(
+    "llmc_compiled", default=None)
+
+
+class collect_compiled:
+    """Context manager collecting a :class:`CompiledGraph` for every graph compiled inside it
+    (:func:`llmcompile.deploy.direct` calls a decode step's graph without Dynamo so)."""
+
+    def __enter__(self) -> list[CompiledGraph]:
+        self.graphs: list[CompiledGraph] = []
+        self._token = _compiled_sink.set(self.graphs)
+        return self.graphs
+
+    def __exit__(self, *exc) -> None:
+        _compiled_sink.reset(self._token)
+
+
+def publish_compiled(gm: fx.GraphModule, example_inputs: Sequence[Any],
+                     compiled: Callable) -> None:
+    """Hand a compiled graph to the innermost :class:`collect_compiled`, if any."""
+    sink = _compiled_sink.get()
+    if sink is not None:
+        sink.append(CompiledGraph(gm, list(example_inputs), compiled))
 
 
 @dataclass

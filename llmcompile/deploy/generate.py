@@ -32,7 +32,9 @@ from typing import Any
 import torch
 
 from .. import _compat
+from ..core.program import collect_compiled
 from ..core.recipe import Recipe, RecipeError
+from . import direct as _direct
 
 log = logging.getLogger("llmcompile")
 
@@ -245,6 +247,10 @@ class Session:
                                              f"exit{layer}")
         self.cache = None
         self.max_len = 0
+        #: the step graph called without Dynamo (:mod:`.direct`), once checked safe
+        self._direct: _direct.DirectGraph | None = None
+        self._direct_ready = False
+        self._length: int | None = None  # the cache's length where known (direct steps)
 
     # ------------------------------------------------------------------ steps
 
@@ -260,18 +266,50 @@ class Session:
             self.max_len = -(-length // _CACHE_BUCKET) * _CACHE_BUCKET
             self.cache = StaticCache(config=self.model.config, max_cache_len=self.max_len)
             _compat.init_static_cache(self.cache, self.model)
+            if self._direct is not None and not self._direct.bind(self.cache):
+                self._direct = None
         else:
             self.cache.reset()
+        self._length = 0
         return self.cache
 
     def _run(self, fn, ids: torch.Tensor, start: int, keep: int = 1) -> torch.Tensor:
         """Logits of ``ids`` [1, n] placed at positions ``start..start+n-1``."""
         _compat.set_cache_length(self.cache, start)
+        self._length = None
         extra = {"logits_to_keep": keep} if self._keep else {}
         positions = torch.arange(start, start + ids.shape[1])
         out = fn(input_ids=ids, cache_position=positions, use_cache=True,
                  **{self.cache_kw: self.cache}, **extra)
         return out.logits[0]
+
+    def decode_step(self, token: int, pos: int) -> torch.Tensor:
+        """Logits [vocab] of the full model after ``token`` at position ``pos`` (its K/V
+        written to the cache there). The compiled step graph is called without Dynamo once
+        that is known to be safe (:mod:`.direct`): the first call compiles it through Dynamo,
+        the second checks that Dynamo does nothing outside the graph, later ones skip it."""
+        ids = torch.tensor([[token]])
+        found = self._direct
+        if found is not None and self._direct_ready:
+            if self._length != pos:
+                _compat.set_cache_length(self.cache, pos)
+            row = found(ids, torch.tensor([pos]))[-1]
+            self._length = pos + 1
+            return row
+        before = _direct.python_state(self.cache) if found is not None else None
+        with collect_compiled() as graphs:
+            row = self._run(self.step, ids, pos)[-1]
+        if graphs:
+            self._direct = (_direct.build(graphs, self.model, self.cache)
+                            if _direct.enabled() else None)
+            self._direct_ready = False
+        elif found is not None:
+            self._direct_ready = before == _direct.python_state(self.cache)
+            if not self._direct_ready:
+                log.debug("llmcompile: decode steps stay on Dynamo: a step changes the cache's "
+                          "Python state outside the graph")
+                self._direct = None
+        return row
 
     # ------------------------------------------------------------------ decoding loops
 
@@ -317,13 +355,13 @@ class Session:
         self._cache_for(ids.numel() + 1)
         rows = [self._run(self.prefill, ids[None, :prefix], 0)[-1]]
         for pos in range(prefix, ids.numel() - 1):
-            rows.append(self._run(self.step, ids[None, pos:pos + 1], pos)[-1])
+            rows.append(self.decode_step(int(ids[pos]), pos))
         return torch.stack(rows).float()
 
     def _greedy(self, token, pos, budget, eos, stats) -> list[int]:
         out = [token]
         while len(out) < budget and token != eos:
-            token = int(self._run(self.step, torch.tensor([[token]]), pos)[-1].argmax())
+            token = int(self.decode_step(token, pos).argmax())
             out.append(token)
             pos += 1
         stats.layers_run = stats.depth = len(out) * self.num_layers
@@ -337,7 +375,7 @@ class Session:
         while len(out) < budget and token != eos:
             if policy is not None and not policy.draft():
                 start = time.perf_counter()
-                token = int(self._run(self.step, torch.tensor([[token]]), pos)[-1].argmax())
+                token = int(self.decode_step(token, pos).argmax())
                 policy.timed_step(time.perf_counter() - start)
                 out.append(token)
                 pos += 1

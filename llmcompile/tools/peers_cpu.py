@@ -104,7 +104,7 @@ class GenerateRunner:
             tokens, steps, pos = [tok], [], self.prompt.shape[1]
             for _ in range(self.new_tokens - 1):
                 t = time.perf_counter()
-                tok = int(s._run(s.step, torch.tensor([[tok]]), pos)[-1].argmax())
+                tok = int(s.decode_step(tok, pos).argmax())
                 steps.append(time.perf_counter() - t)
                 tokens.append(tok)
                 pos += 1
