@@ -32,6 +32,19 @@ TOP1 = {"int8": 0.9, "int4-rtn": 0.5}
 FAST = {"llama", "gpt2"}
 RULES_FILE = Path(__file__).with_name("zoo_rules.json")
 UPDATE = os.environ.get("LLMCOMPILE_UPDATE_ZOO") == "1"
+#: arch -> (transformers release, rule): the rule fires from that release on (the recorded
+#: counts are the newest release's). transformers 5.25 routes falcon's K / V through repeat_kv.
+SINCE = {"falcon": ((5, 25), "attention_unrepeat_kv_masked")}
+
+
+def _expected(arch: str, counts: dict) -> dict:
+    """The recorded counts as the installed transformers fires them."""
+    import transformers
+
+    release, rule = SINCE.get(arch, ((0,), None))
+    if tuple(int(p) for p in transformers.__version__.split(".")[:2]) >= release:
+        return counts
+    return {k: v for k, v in counts.items() if k != rule}
 
 
 def _cells():
@@ -94,7 +107,7 @@ def test_cell(arch, target, recipe, recorded):
     if UPDATE:
         recorded[key] = fired
     assert key in recorded, f"no rule counts recorded for {key}: run with LLMCOMPILE_UPDATE_ZOO=1"
-    assert fired == recorded[key], reports[0].format()
+    assert fired == _expected(arch, recorded[key]), reports[0].format()
 
 
 @pytest.mark.zoo
