@@ -30,7 +30,7 @@ import torch.fx as fx
 
 from .analysis.delta import CostObserver
 from .core.pipeline import Report, UserRules, run_pipeline
-from .core.program import capture_dynamo, mutated_inputs, publish_compiled
+from .core.program import Collector, capture_dynamo, mutated_inputs, publish_compiled
 from .core.recipe import Recipe, RecipeError
 from .core.rules import RuleSet
 from .core.verify import verified
@@ -49,16 +49,11 @@ _graph_ids = itertools.count()
 _fallbacks: list[Report] = []  # every graph that fell back in this process
 
 
-class collect_reports:
+class collect_reports(Collector):
     """Context manager collecting the :class:`Report` of every graph compiled inside it."""
 
-    def __enter__(self) -> list[Report]:
-        self.reports: list[Report] = []
-        self._token = _collector.set(self.reports)
-        return self.reports
-
-    def __exit__(self, *exc) -> None:
-        _collector.reset(self._token)
+    def __init__(self):
+        super().__init__(_collector)
 
 
 def parse_options(options: Mapping[str, Any] | None) -> tuple[Recipe, dict[str, Any]]:

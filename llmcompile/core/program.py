@@ -21,8 +21,8 @@ import torch.fx as fx
 from .. import _compat
 from .canonicalize import VIEW_OPS
 
-__all__ = ["CompiledGraph", "Program", "capture_dynamo", "capture_export", "capture_function",
-           "collect_compiled", "publish_compiled"]
+__all__ = ["CompiledGraph", "Collector", "Program", "capture_dynamo", "capture_export",
+           "capture_function", "collect_compiled", "publish_compiled", "source_name"]
 
 
 @dataclass
@@ -39,17 +39,28 @@ _compiled_sink: contextvars.ContextVar[list | None] = contextvars.ContextVar(
     "llmc_compiled", default=None)
 
 
-class collect_compiled:
-    """Context manager collecting a :class:`CompiledGraph` for every graph compiled inside it
-    (:func:`llmcompile.deploy.direct` calls a decode step's graph without Dynamo so)."""
+class Collector:
+    """Context manager collecting, into the list it returns, what is published to a context
+    variable inside it (the innermost collector gets it)."""
 
-    def __enter__(self) -> list[CompiledGraph]:
-        self.graphs: list[CompiledGraph] = []
-        self._token = _compiled_sink.set(self.graphs)
-        return self.graphs
+    def __init__(self, var: contextvars.ContextVar):
+        self._var = var
+
+    def __enter__(self) -> list:
+        self.items: list = []
+        self._token = self._var.set(self.items)
+        return self.items
 
     def __exit__(self, *exc) -> None:
-        _compiled_sink.reset(self._token)
+        self._var.reset(self._token)
+
+
+class collect_compiled(Collector):
+    """Collects a :class:`CompiledGraph` for every graph compiled inside it
+    (:mod:`llmcompile.deploy.direct` calls a decode step's graph without Dynamo so)."""
+
+    def __init__(self):
+        super().__init__(_compiled_sink)
 
 
 def publish_compiled(gm: fx.GraphModule, example_inputs: Sequence[Any],
@@ -158,7 +169,8 @@ def module_path(path: str, roots: Sequence[str] = ()) -> str:
     return path.replace("[", ".").replace("]", "").replace("'", "").strip(".")
 
 
-def _source_name(placeholder: fx.Node) -> str | None:
+def source_name(placeholder: fx.Node) -> str | None:
+    """Dynamo's source of a placeholder (``L['kwargs']['input_ids']``), where it has one."""
     grapharg = placeholder.meta.get("grapharg")
     if grapharg is None:
         return None
@@ -208,7 +220,7 @@ def capture_dynamo(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Program
     program = Program(traced, fake_mode=fake_mode, example_inputs=list(example_inputs))
     new_placeholders = [n for n in traced.graph.nodes if n.op == "placeholder"]
     mutated = mutated_inputs(traced.graph)
-    names = [_source_name(old) for old in placeholders]
+    names = [source_name(old) for old in placeholders]
     program.roots = tuple(sorted({r for r in map(source_root, filter(None, names)) if r}))
     for name, new, real in zip(names, new_placeholders, example_inputs):
         source = module_path(name, program.roots) if name else new.name

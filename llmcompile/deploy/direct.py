@@ -34,7 +34,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from ..core.program import CompiledGraph
+from ..core.program import CompiledGraph, source_name
 
 log = logging.getLogger("llmcompile")
 
@@ -95,10 +95,10 @@ class DirectGraph:
         self.shapes: dict[int, tuple] = {}
         self.ids_at = self.pos_at = -1
         for i, (node, value) in enumerate(zip(placeholders, self.args)):
-            source = _source(node)
+            source = source_name(node) or node.name  # either spelling
             if not isinstance(value, torch.Tensor):
                 raise Unsupported(f"input {source} is not a tensor ({type(value).__name__})")
-            key = re.sub(r"[^a-z0-9]+", "_", source.lower()).strip("_")  # either spelling
+            key = re.sub(r"[^a-z0-9]+", "_", source.lower()).strip("_")
             if key.endswith("kwargs_input_ids"):
                 self.ids_at = i
             elif key.endswith("kwargs_cache_position"):
@@ -111,7 +111,6 @@ class DirectGraph:
         if self.ids_at < 0:
             raise Unsupported("the graph takes no input_ids tensor")
         self.logits_at = _logits_output(graph.gm, model)
-        self.ids_shape = tuple(self.args[self.ids_at].shape)
 
     def bind(self, cache: Any) -> bool:
         """Point the cache slots at ``cache``'s tensors; False where its shapes differ (the
@@ -131,16 +130,6 @@ class DirectGraph:
         if self.pos_at >= 0:  # graphs that place by the cache's own counters take none
             args[self.pos_at] = positions
         return self.compiled(*args)[self.logits_at][0]
-
-
-def _source(node: fx.Node) -> str:
-    """Dynamo's source of a placeholder (``L['kwargs']['input_ids']``), else its name
-    (``l_kwargs_input_ids_``)."""
-    grapharg = node.meta.get("grapharg")
-    source = getattr(grapharg, "source", None)
-    if source is None:
-        return node.name
-    return source.name() if callable(source.name) else source.name
 
 
 def _logits_output(gm: fx.GraphModule, model: torch.nn.Module) -> int:
