@@ -9,7 +9,8 @@ length are dynamic. Rows of a batch must have equal lengths (no padding mask).
 The model is captured with ``torch.export`` while its attention runs through
 ``llmcompile.attention`` (causal, no mask tensor), the recipe's passes run as for
 ``torch.compile``, and the result is lowered to ONNX Runtime contrib ops. Weights are written
-as external data next to the file; a ``<name>.llmcompile.json`` sidecar describes the I/O.
+as external data next to the file; a ``<name>.llmcompile.json`` sidecar describes the I/O and
+``genai_config.json`` lets ONNX Runtime GenAI run the folder (:mod:`.genai`).
 
 A recipe with an ``early_exit`` pass (exit after layer ``L``) writes two files: ``<name>.onnx``,
 the full model (the verifier), and ``<name>.draft.onnx``, the draft graph (layers ``0..L-1``,
@@ -41,6 +42,7 @@ from ..core.program import capture_export
 from ..core.recipe import Recipe, RecipeError
 from ..lower.onnxruntime import OnnxLoweringError, model_dtype, prepare, to_onnx
 from ..ops.onnx import CPU
+from .genai import write_genai_config
 from .generate import _with_exit, early_exit_config
 
 log = logging.getLogger("llmcompile")
@@ -289,6 +291,7 @@ def export(model: torch.nn.Module, path: str | Path, recipe: Recipe, *, tokenize
                           "rules": draft_report.counts()}
     sidecar = write_sidecar(path, module, recipe=recipe.name, rules=report.counts(),
                             weights_dtype=str(model_dtype(program)), **extra)
+    write_genai_config(path, module, sidecar, provider)
     if tokenizer is not None:
         _save_tokenizer(tokenizer, path.parent)
     log.info("llmcompile export: done in %.0f s", time.perf_counter() - started)
