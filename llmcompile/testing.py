@@ -153,7 +153,8 @@ def assert_declines(rules, fn: Callable, inputs: Sequence[Any], *, rule: str, re
 
 #: the contrib / fused ONNX ops the onnxruntime target and export emit
 ONNX_FUSED_OPS = ("GroupQueryAttention", "SkipSimplifiedLayerNormalization",
-                  "SimplifiedLayerNormalization", "RotaryEmbedding", "MatMulNBits")
+                  "SimplifiedLayerNormalization", "RotaryEmbedding", "MatMulNBits",
+                  "GatherBlockQuantized")
 
 
 def onnx_op_counts(path) -> dict[str, int]:

@@ -13,7 +13,12 @@ head, say) its own bits and method with a second ``quantize_weights`` entry.
 For the ``onnxruntime`` target the weights are laid out for ONNX Runtime's ``MatMulNBits``
 (int4 with integer zero points; int8 per channel as 8-bit blocks of 32) and
 ``accuracy_level`` tells it which compute it may use (4: int8 activations, fastest on CPU;
-0: the activations' own dtype).
+0: the activations' own dtype). There, an embedding table tied to a quantized linear layer
+(the LM head) is read from the same quantized bytes:
+
+    embedding(W, ids)  ==>  llmcompile.gather_nbits(qW, ids, scales, zeros, K, bits, G) [· 1/a]
+
+(``GatherBlockQuantized`` in ONNX Runtime: the file holds the table once, in 4 or 8 bits).
 """
 
 from __future__ import annotations
@@ -44,6 +49,20 @@ def linear(x, w):
 
 def linear_bias(x, w, b):
     return F.linear(x, w, b)
+
+
+def embedding(w, ids):
+    return torch.ops.aten.embedding.default(w, ids)
+
+
+def embedding_padded(w, ids, padding_idx: int):  # padding_idx only matters for training
+    return torch.ops.aten.embedding.default(w, ids, padding_idx)
+
+
+def gather_replacement(ids, qweight, scales, k: int, bits: int, block_size: int,
+                       zero_points=None, inv_scale=None):
+    rows = ops.gather_nbits(qweight, ids, scales, zero_points, k, bits, block_size)
+    return rows if inv_scale is None else rows * inv_scale
 
 
 def int8_replacement(x, wq, scales, b=None):
@@ -124,7 +143,11 @@ class QuantizeConfig(PassConfig):
         onnx = program.context.get("target") == "onnxruntime"
         keys = {n.name: (*_key(program, n, self), onnx) for n in keep}  # one checksum a layer
         activations = self._calibrate(program, keep, keys) if self.method != "rtn" else {}
-        apply_rules(program, self._rules(keys, activations, onnx), stats)
+        rules = self._rules(keys, activations, onnx)
+        if onnx:
+            rules = RuleSet(rules.name, [*rules.rules, *self._tied_rules(program, keep, keys,
+                                                                         activations)])
+        apply_rules(program, rules, stats)
 
     def _calibrate(self, program, nodes, keys: dict[str, tuple]) -> dict:
         cal = {**CALIBRATION_KEYS, **self.calibration}
@@ -163,6 +186,39 @@ class QuantizeConfig(PassConfig):
             Rule(f"{name}_bias", linear_bias, replacement, check=check,
                  example={"x": (2, 8), "w": (4, 8), "b": (4,)}),
         ])
+
+    def _tied_rules(self, program, keep, keys: dict[str, tuple], activations: dict) -> list:
+        """Embeddings whose table is a selected linear layer's weight (tied): read from the
+        same ``MatMulNBits`` tensors through ``gather_nbits``."""
+        def same(a: torch.Tensor, b: torch.Tensor) -> bool:
+            return (a.data_ptr() == b.data_ptr() and a.shape == b.shape
+                    and a.stride() == b.stride() and a.dtype == b.dtype)
+
+        weights = {n.name: program.weight(n.args[1]) for n in keep}  # before they are rewritten
+
+        def check(m: Match) -> Reject | dict:
+            if not m.program.is_weight(m["w"]):
+                return Reject("the table is not a model weight")
+            table = m.weight("w")
+            tied = next((n for n, w in weights.items() if same(w, table)), None)
+            if tied is None:
+                return Reject("not tied to a linear layer this pass quantizes (an untied "
+                              "table is only gathered from: it stays in float)")
+            key = keys[tied]
+            if key not in _CACHE:
+                _CACHE[key] = self._quantize(table, activations.get(tied), True)
+            packed = dict(_CACHE[key])
+            if packed["qweight"].shape[1] * packed["block_size"] != packed["k"]:
+                return Reject(f"width {packed['k']} is not a whole number of "
+                              f"{packed['block_size']}-wide blocks")
+            packed.pop("accuracy_level")
+            return packed
+
+        name = f"int{self.bits}_embedding_tied"
+        example = {"w": (16, 8), "ids": torch.zeros(2, 3, dtype=torch.long)}
+        return [Rule(name, embedding, gather_replacement, check=check, example=example),
+                Rule(f"{name}_padded", embedding_padded, gather_replacement, check=check,
+                     example=example)]
 
     def _quantize(self, w: torch.Tensor, act, onnx: bool) -> dict[str, Any]:
         if w.device.type != "cpu" and not onnx:

@@ -112,11 +112,15 @@ class Program:
         """Register ``tensor`` on the graph module and return a ``get_attr`` node reading it.
 
         The caller positions the node (``graph.inserting_before``); ``meta["val"]`` is set.
+        A tensor already registered (the same object: packed weights two rules share, a tied
+        LM head and embedding) is read from its one buffer, so it is stored once.
         """
-        name = f"_llmc_{hint}_{next(self._const_ids)}"
-        while hasattr(self.gm, name):
+        name = next((n for n, b in self.gm.named_buffers() if b is tensor), None)
+        if name is None:
             name = f"_llmc_{hint}_{next(self._const_ids)}"
-        self.gm.register_buffer(name, tensor, persistent=False)
+            while hasattr(self.gm, name):
+                name = f"_llmc_{hint}_{next(self._const_ids)}"
+            self.gm.register_buffer(name, tensor, persistent=False)
         node = self.graph.get_attr(name)
         node.meta["val"] = _fake_constant(self.fake_mode, tensor)
         return node

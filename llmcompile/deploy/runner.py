@@ -94,13 +94,19 @@ class OnnxCausalLM:
     @staticmethod
     def _run(sess, names: Sequence[str], input_ids: np.ndarray, past: Sequence[np.ndarray],
              position_ids: np.ndarray | None = None) -> tuple[np.ndarray, list[np.ndarray]]:
+        """One step of ``sess``. ``names``: the file's inputs (the sidecar's): ``input_ids``,
+        then ``position_ids`` and / or ``attention_mask`` (a file of another exporter: all
+        ones, rows have equal lengths), then the past arrays."""
         batch, seq = input_ids.shape
-        if position_ids is None:
-            start = past[0].shape[2] if past else 0
-            position_ids = np.broadcast_to(np.arange(start, start + seq), (batch, seq))
-        feed = {"input_ids": input_ids,
-                "position_ids": np.ascontiguousarray(position_ids, dtype=np.int64)}
-        feed.update(zip(names[2:], past))
+        start = past[0].shape[2] if past else 0
+        feed = {"input_ids": input_ids}
+        if "position_ids" in names:
+            if position_ids is None:
+                position_ids = np.broadcast_to(np.arange(start, start + seq), (batch, seq))
+            feed["position_ids"] = np.ascontiguousarray(position_ids, dtype=np.int64)
+        if "attention_mask" in names:
+            feed["attention_mask"] = np.ones((batch, start + seq), dtype=np.int64)
+        feed.update(zip(names[len(feed):], past))
         logits, *present = sess.run(None, feed)
         return logits, present
 

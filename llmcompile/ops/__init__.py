@@ -15,8 +15,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 __all__ = ["add_rms_norm", "attention", "attention_keep", "gelu_mul", "group_query_attention",
-           "int4_linear", "int8_linear", "keep_pairs", "matmul_nbits", "rms_norm", "rotary",
-           "silu_mul"]
+           "gather_nbits", "int4_linear", "int8_linear", "keep_pairs", "matmul_nbits", "rms_norm",
+           "rotary", "silu_mul"]
 
 _lib = torch.library.Library("llmcompile", "DEF")  # noqa: TOR901 - one library, defined here
 
@@ -236,6 +236,23 @@ def _matmul_nbits_ref(x: Tensor, qweight: Tensor, scales: Tensor, zero_points: T
     return F.linear(x, w, bias)
 
 
+def _gather_nbits_ref(qweight: Tensor, indices: Tensor, scales: Tensor,
+                      zero_points: Tensor | None, k: int, bits: int, block_size: int) -> Tensor:
+    """Rows ``indices`` of a block-quantized table in ``MatMulNBits``' layout (the same
+    tensors as a tied LM head's), dequantized: ``[*indices.shape, K]`` in ``scales``' dtype.
+    ONNX Runtime runs it as ``GatherBlockQuantized`` on those very bytes."""
+    n, blocks = qweight.shape[0], qweight.shape[1]
+    flat = indices.reshape(-1)
+    q = _unpack(qweight[flat], bits, flat.numel()).reshape(-1, blocks, block_size).float()
+    if zero_points is None:
+        zero = torch.full((flat.numel(), blocks), float(2 ** (bits - 1)), device=q.device)
+    else:
+        zero = _unpack(zero_points.reshape(n, -1)[flat], bits, flat.numel())[:, :blocks].float()
+    w = (q - zero.unsqueeze(-1)) * scales.reshape(n, blocks, 1)[flat].float()
+    w = w.reshape(flat.numel(), blocks * block_size)[:, :k].to(scales.dtype)
+    return w.reshape(*indices.shape, k)
+
+
 _define("rms_norm(Tensor x, Tensor weight, float eps, float offset=0.0) -> Tensor", _rms_norm_ref)
 _define("add_rms_norm(Tensor x, Tensor residual, Tensor weight, float eps, float offset=0.0)"
         " -> (Tensor, Tensor)", _add_rms_norm_ref)
@@ -255,6 +272,8 @@ _define("group_query_attention(Tensor q, Tensor k, Tensor v, Tensor? past_k, Ten
 _define("matmul_nbits(Tensor x, Tensor qweight, Tensor scales, Tensor? zero_points, int k,"
         " int bits, int block_size, int accuracy_level=0, Tensor? bias=None) -> Tensor",
         _matmul_nbits_ref)
+_define("gather_nbits(Tensor qweight, Tensor indices, Tensor scales, Tensor? zero_points, int k,"
+        " int bits, int block_size) -> Tensor", _gather_nbits_ref)
 
 _ops = torch.ops.llmcompile
 rms_norm = _ops.rms_norm
@@ -267,3 +286,4 @@ int8_linear = _ops.int8_linear
 int4_linear = _ops.int4_linear
 group_query_attention = _ops.group_query_attention
 matmul_nbits = _ops.matmul_nbits
+gather_nbits = _ops.gather_nbits

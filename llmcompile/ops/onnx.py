@@ -5,6 +5,7 @@
     llmcompile.rotary                 ==>  RotaryEmbedding (ONNX opset 23, per-token caches)
     llmcompile.group_query_attention  ==>  com.microsoft.GroupQueryAttention
     llmcompile.matmul_nbits           ==>  com.microsoft.MatMulNBits (4 and 8 bit)
+    llmcompile.gather_nbits           ==>  com.microsoft.GatherBlockQuantized (same bytes)
 
 Ops without an entry here (``attention`` with a mask, ``silu_mul``, ...) are decomposed by the
 exporter into standard ONNX ops from their reference implementation. Which contrib ops a
@@ -32,6 +33,8 @@ SUPPORT: dict[str, dict[str, set]] = {
     "RotaryEmbedding": {CPU: {_F32, _F16}, CUDA: {_F32, _F16, _BF16}},
     "GroupQueryAttention": {CPU: {_F32, _F16}, CUDA: {_F16, _BF16}},
     "MatMulNBits": {CPU: {_F32, _F16}, CUDA: {_F32, _F16, _BF16}},
+    # CUDA has a kernel too, not measured here yet: standard ops there until it is
+    "GatherBlockQuantized": {CPU: {_F32, _F16}},
 }
 
 _registered = False
@@ -95,6 +98,15 @@ def register_schemas() -> None:
            [("K", A.INT), ("N", A.INT), ("bits", A.INT), ("block_size", A.INT),
             ("accuracy_level", A.INT)],
            "Block-quantized weight matmul (ONNX Runtime contrib)")
+    schema("GatherBlockQuantized", MSFT,
+           [("data", "T1", one), ("indices", "Tind", one), ("scales", "T2", one),
+            ("zero_points", "T1", opt)],
+           [("output", "T2", one)],
+           {"T1": ["tensor(uint8)", "tensor(int4)", "tensor(uint4)"], "T2": floats,
+            "Tind": ["tensor(int32)", "tensor(int64)"]},
+           [("gather_axis", A.INT), ("quantize_axis", A.INT), ("block_size", A.INT),
+            ("bits", A.INT)],
+           "Gather from a block-quantized table (ONNX Runtime contrib)")
     _registered = True
 
 
@@ -185,12 +197,26 @@ def _matmul_nbits(x, qweight, scales, zero_points, k: int, bits: int, block_size
     return y if bias is None else op.Add(y, bias)
 
 
+def _gather_nbits(qweight, indices, scales, zero_points, k: int, bits: int, block_size: int):
+    """MatMulNBits' tensors read as GatherBlockQuantized's ([N, K·bits/8], [N, K/B], zero
+    points [N, ceil(K/B·bits/8)]): reshapes of the same initializers, no second copy."""
+    op, msft = _opsets()
+    rows = op.Constant(value_ints=[int(qweight.shape[0]), -1])
+    if zero_points is not None:
+        zero_points = op.Reshape(zero_points, rows)
+    return msft.GatherBlockQuantized(op.Reshape(qweight, rows), indices,
+                                     op.Reshape(scales, rows), zero_points, gather_axis=0,
+                                     quantize_axis=1, block_size=int(block_size),
+                                     bits=int(bits))
+
+
 _TRANSLATIONS = {
     "rms_norm": ("SimplifiedLayerNormalization", _rms_norm),
     "add_rms_norm": ("SkipSimplifiedLayerNormalization", _add_rms_norm),
     "rotary": ("RotaryEmbedding", _rotary),
     "group_query_attention": ("GroupQueryAttention", _group_query_attention),
     "matmul_nbits": ("MatMulNBits", _matmul_nbits),
+    "gather_nbits": ("GatherBlockQuantized", _gather_nbits),
 }
 
 

@@ -1,7 +1,12 @@
-"""``llmcompile bench-onnx``: llmcompile's ONNX export against the ONNX Runtime peer path.
+"""``llmcompile bench-onnx``: llmcompile's ONNX export against ONNX Runtime's own paths.
 
 Side by side, in one run, on the same ONNX Runtime and thread count:
 
+* ``builder-fp32`` / ``builder-int4``: ONNX Runtime GenAI's model builder
+  (``python -m onnxruntime_genai.models.builder -p fp32|int4 -e cpu``, when onnxruntime-genai
+  is installed) on the same weights saved as a Hugging Face folder; its hand-written graphs per
+  architecture are the strongest peer for "LLM -> ONNX". Its build time is the subprocess's
+  wall time (it loads the folder from disk; ours starts from the loaded model);
 * ``peer-fp32``: ``torch.onnx.export`` of the same model (same KV-cache I/O), then ONNX
   Runtime's own transformer optimizer (``onnxruntime.transformers.optimizer``);
 * ``peer-int4``: that file quantized by ONNX Runtime's ``MatMulNBitsQuantizer`` (round to
@@ -19,6 +24,8 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -76,6 +83,54 @@ def _peer_int4(fp32: Path, folder: Path, block: int) -> Path:
     return out
 
 
+def _hf_folder(model, tokenizer, root: Path) -> Path:
+    """The model's weights as a Hugging Face folder (the builder's input), written once."""
+    folder = root / "hf"
+    if (folder / "config.json").is_file():
+        return folder
+    # loaded from GGUF: the weights are dequantized floats, but transformers refuses to save a
+    # model it marked as quantized; unmark it for the save only
+    quantizer = getattr(model, "hf_quantizer", None)
+    qconfig = getattr(model.config, "quantization_config", None)
+    model.hf_quantizer = None
+    if qconfig is not None:
+        del model.config.quantization_config
+    try:
+        model.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+    finally:
+        model.hf_quantizer = quantizer
+        if qconfig is not None:
+            model.config.quantization_config = qconfig
+    return folder
+
+
+def builder_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("onnxruntime_genai") is not None
+
+
+def _builder(model, hf: Path, root: Path, precision: str) -> Path:
+    """ONNX Runtime GenAI's model builder on ``hf``: ``builder-<precision>/model.onnx``."""
+    import onnx
+
+    from ..deploy.export import write_sidecar
+
+    out = root / f"builder-{precision}"
+    cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(hf), "-o",
+           str(out), "-p", precision, "-e", "cpu", "-c", str(root / "builder-cache")]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    path = out / "model.onnx"
+    if done.returncode or not path.is_file():
+        raise RuntimeError(f"the model builder failed ({' '.join(cmd)}):\n"
+                           f"{done.stderr[-2000:]}")
+    graph = onnx.load(str(path), load_external_data=False).graph
+    write_sidecar(path, model, inputs=[i.name for i in graph.input],
+                  outputs=[o.name for o in graph.output])
+    return path
+
+
 def _bytes_per_token(path: Path) -> int:
     """Bytes of initializers a decode step reads (tables only gathered from are excluded)."""
     import onnx
@@ -88,7 +143,7 @@ def _bytes_per_token(path: Path) -> int:
             users.setdefault(name, set()).add(node.op_type)
     total = 0
     for init in graph.initializer:
-        if users.get(init.name, set()) <= {"Gather"}:
+        if users.get(init.name, set()) <= {"Gather", "GatherBlockQuantized"}:
             continue
         size = helper.tensor_dtype_to_np_dtype(init.data_type).itemsize
         total += int(np.prod(init.dims)) * size
@@ -115,7 +170,7 @@ def _time_once(lm, prompt: np.ndarray, new_tokens: int) -> tuple[float, float, l
 
 def run(recipes: tuple[str, ...] = ("default", "int4"), prompt_len: int = 128,
         new_tokens: int = 32, repeats: int = 5, threads: int = 2, folder: str = "bench-onnx",
-        block: int = 64, reuse: bool = False) -> dict[str, Any]:
+        block: int = 64, reuse: bool = False, builder: bool = True) -> dict[str, Any]:
     from ..deploy.export import export
     from ..deploy.runner import OnnxCausalLM
     from .measure import measure_bandwidth
@@ -136,6 +191,11 @@ def run(recipes: tuple[str, ...] = ("default", "int4"), prompt_len: int = 128,
         files[name] = fn()
         build[name] = time.perf_counter() - start
 
+    if builder and builder_available():
+        hf = _hf_folder(model, tokenizer, root)
+        for precision in ("fp32", "int4"):
+            path = root / f"builder-{precision}" / "model.onnx"
+            make(f"builder-{precision}", path, lambda p=precision: _builder(model, hf, root, p))
     make("peer-fp32", root / "peer-fp32.onnx", lambda: _peer_export(model, root, threads))
     make("peer-int4", root / "peer-int4.onnx", lambda: _peer_int4(files["peer-fp32"], root,
                                                                   block))
@@ -188,8 +248,10 @@ def file_quality(folder: str = "bench-onnx", windows: int = 8, seq_len: int = 51
     ids = _windows(tokenizer, DEFAULT_TEXT.read_text(), windows, seq_len)
     with torch.no_grad():
         reference = [model(input_ids=w[None], use_cache=False).logits[0] for w in ids]
-    files = {"eager-fp32": None, **{p.stem: p for p in sorted(Path(folder).glob("peer-*.onnx"))
-                                    if p.stem != "peer-raw"},
+    files = {"eager-fp32": None,
+             **{p.parent.name: p for p in sorted(Path(folder).glob("builder-*/model.onnx"))},
+             **{p.stem: p for p in sorted(Path(folder).glob("peer-*.onnx"))
+                if p.stem != "peer-raw"},
              **{p.parent.name: p for p in sorted(Path(folder).glob("llmcompile-*/model.onnx"))}}
     rows = []
     for name, path in files.items():
@@ -209,18 +271,21 @@ def file_quality(folder: str = "bench-onnx", windows: int = 8, seq_len: int = 51
 
 
 def format_table(result: dict[str, Any]) -> str:
-    peer = {r["config"]: r for r in result["rows"]}
+    rows = {r["config"]: r for r in result["rows"]}
+    peer = "builder" if any(name.startswith("builder-") for name in rows) else "peer"
     lines = [f"memory bandwidth: read {result['memory_bandwidth']['read_GBps']:.1f} GB/s",
-             "", "| config | file MiB | weights read MiB | prefill ms | decode tok/s | MBU "
-             "| decode vs peer (same bits) | greedy = eager |", "|---|---|---|---|---|---|---|---|"]
+             "", "| config | file MiB | build s | weights read MiB | prefill ms | decode tok/s "
+             f"| MBU | decode vs {peer} (same bits) | greedy = eager |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
         bits = "int4" if "int4" in r["config"] else "fp32"
-        base = peer.get(f"peer-{bits}")
+        base = rows.get(f"{peer}-{bits}")
         ratio = r["decode_tok_s"] / base["decode_tok_s"] if base else float("nan")
         match = "yes" if r["tokens_match_eager"] else f"{r['token_agreement']:.0%} of tokens"
-        lines.append(f"| {r['config']} | {r['file_mib']:.1f} | {r['weights_read_mib']:.1f} | "
-                     f"{r['prefill_ms']:.1f} | {r['decode_tok_s']:.1f} | {r['mbu']:.1%} | "
-                     f"{ratio:.2f}x | {match} |")
+        build = f"{r['build_s']:.0f}" if r["build_s"] is not None else "reused"
+        lines.append(f"| {r['config']} | {r['file_mib']:.1f} | {build} | "
+                     f"{r['weights_read_mib']:.1f} | {r['prefill_ms']:.1f} | "
+                     f"{r['decode_tok_s']:.1f} | {r['mbu']:.1%} | {ratio:.2f}x | {match} |")
     return "\n".join(lines)
 
 
@@ -232,6 +297,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--folder", default="bench-onnx", help="where the ONNX files are written")
     p.add_argument("--json", help="also write the results to this JSON file")
+    p.add_argument("--no-builder", dest="builder", action="store_false",
+                   help="leave out ONNX Runtime GenAI's model builder (otherwise built when "
+                   "onnxruntime-genai is installed)")
     p.add_argument("--reuse", action="store_true",
                    help="time the files already in --folder instead of exporting them again")
     p.add_argument("--quality", type=int, default=0, metavar="WINDOWS",
@@ -250,7 +318,7 @@ def main(args: argparse.Namespace) -> int:
             Path(args.json).write_text(json.dumps(result, indent=2))
         return 0
     result = run(tuple(args.recipes), args.prompt_len, args.new_tokens, args.repeats,
-                 args.threads, args.folder, reuse=args.reuse)
+                 args.threads, args.folder, reuse=args.reuse, builder=args.builder)
     print(format_table(result))
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2))

@@ -76,6 +76,36 @@ def test_int4_export_holds_packed_weights_only(tmp_path, exported_llama):
     assert np.abs(logits - expected).max() < 0.25 * np.abs(expected).max()
 
 
+@pytest.mark.parametrize("bits", [4, 8])
+def test_tied_embedding_is_read_from_the_quantized_lm_head(tmp_path, bits):
+    from llmcompile.core.recipe import Recipe
+
+    model = tiny_model("llama")
+    model.config.tie_word_embeddings = True
+    model.tie_weights()
+    recipe = Recipe.from_dict({"name": f"all-int{bits}", "passes": [
+        {"name": "fuse"}, {"name": "quantize_weights", "bits": bits, "group_size": 32}]})
+    result = export(model, tmp_path / "model.onnx", recipe)
+    assert result.report.fired(f"int{bits}_embedding_tied") == 1
+    assert onnx_op_counts(result.path)["GatherBlockQuantized"] == 1
+    graph = onnx.load(str(result.path), load_external_data=False).graph
+    floats = [i.name for i in graph.initializer if i.data_type == onnx.TensorProto.FLOAT
+              and np.prod(i.dims) >= 256 * 64]
+    assert not floats, floats  # no float table left
+    gather = next(n for n in graph.node if n.op_type == "GatherBlockQuantized")
+    producers = {o: n for n in graph.node for o in n.output}
+    source = producers[gather.input[0]].input[0]  # a Reshape of the LM head's initializer
+    readers = [n for n in graph.node if n.op_type == "MatMulNBits" and n.input[1] == source]
+    assert len(readers) == 1 and readers[0].attribute  # the LM head: [vocab, ...] bytes
+    assert next(i for i in graph.initializer if i.name == source).dims[0] == 256
+    ids = torch.randint(3, 256, (1, 8), generator=torch.Generator().manual_seed(4))
+    logits, _ = OnnxCausalLM(result.path).forward(ids.numpy())
+    with torch.no_grad():
+        expected = model(input_ids=ids, use_cache=False).logits.numpy()
+    bound = 0.25 if bits == 4 else 0.05
+    assert np.abs(logits - expected).max() < bound * np.abs(expected).max()
+
+
 @pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
 def test_zoo_exports_and_decodes_like_eager(arch, tmp_path, expected_onnx_ops):
     model = tiny_model(arch)

@@ -159,6 +159,41 @@ def test_matmul_nbits_translation_matches_reference(tmp_path, bits):
     assert last_session_ops() == {"MatMulNBits": 1}
 
 
+def _nbits_table(bits: int, n: int = 40, k: int = 96):
+    """A table quantized in MatMulNBits' layout (3 blocks of 32: an odd block count)."""
+    w = torch.randn(n, k)
+    if bits == 4:
+        q = quant.quantize_int4(w, 32, integer_zero=True)
+        return (*quant.int4_nbits(q, torch.float32), q.dequantize())
+    q, s = quant.quantize_int8(w)
+    return (*quant.int8_nbits(q, s, torch.float32), None, q.float() * s[:, None])
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_gather_nbits_rows_are_the_matmul_nbits_weight(bits):
+    qweight, scales, zeros, dequantized = _nbits_table(bits)
+    ids = torch.tensor([[3, 0, 39], [7, 7, 1]])
+    rows = ops.gather_nbits(qweight, ids, scales, zeros, 96, bits, 32)
+    assert rows.shape == (2, 3, 96)
+    torch.testing.assert_close(rows, dequantized[ids], atol=1e-5, rtol=1e-5)
+    # the same bytes as MatMulNBits reads them: its weight is eye(K) @ W^T
+    weight_t = ops.matmul_nbits(torch.eye(96), qweight, scales, zeros, 96, bits, 32)
+    torch.testing.assert_close(rows.reshape(-1, 96), weight_t.T[ids.reshape(-1)])
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_gather_nbits_translation_matches_reference(bits):
+    qweight, scales, zeros, _ = _nbits_table(bits)
+
+    def fn(ids):
+        return ops.gather_nbits(qweight, ids, scales, zeros, 96, bits, 32) * 2.0
+
+    ids = torch.tensor([[3, 0, 39], [7, 7, 1]])
+    compiled = torch.compile(fn, backend="llmcompile", options=ORT)
+    torch.testing.assert_close(compiled(ids), fn(ids), atol=1e-5, rtol=1e-5)
+    assert last_session_ops().get("GatherBlockQuantized") == 1
+
+
 # --- export for deployment -----------------------------------------------------------------
 
 def test_static_kv_cache_written_in_place_is_copied_back():
