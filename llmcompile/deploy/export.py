@@ -42,7 +42,7 @@ from ..core.program import capture_export
 from ..core.recipe import Recipe, RecipeError
 from ..lower.onnxruntime import OnnxLoweringError, model_dtype, prepare, to_onnx
 from ..ops.onnx import CPU
-from .genai import write_genai_config
+from .genai import context_length, write_genai_config
 from .generate import _with_exit, early_exit_config
 
 log = logging.getLogger("llmcompile")
@@ -307,7 +307,8 @@ def _export_graph(module, recipe: Recipe, path: Path, geometry: dict, tokenizer:
     log.info("llmcompile export: capturing %s (%d layers) with torch.export",
              type(module).__name__, geometry["layers"])
     program, args, dynamic = capture_program(module, geometry, cache_layers)
-    program.context.update(target="onnxruntime", tokenizer=tokenizer)
+    program.context.update(target="onnxruntime", tokenizer=tokenizer,
+                           max_positions=context_length(module.config))
     program.example_inputs = _calibration_inputs(program, {**geometry, "layers": layers},
                                                  dtype, device)
     log.info("llmcompile export: running recipe %r", recipe.name)

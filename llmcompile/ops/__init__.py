@@ -15,8 +15,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 __all__ = ["add_rms_norm", "attention", "attention_keep", "gelu_mul", "group_query_attention",
-           "gather_nbits", "int4_linear", "int8_linear", "keep_pairs", "matmul_nbits", "rms_norm",
-           "rotary", "silu_mul"]
+           "gather_nbits", "int4_linear", "int8_linear", "keep_pairs", "matmul_nbits",
+           "packed_attention", "rms_norm", "rotary", "silu_mul"]
 
 _lib = torch.library.Library("llmcompile", "DEF")  # noqa: TOR901 - one library, defined here
 
@@ -207,6 +207,24 @@ def _group_query_attention_ref(q: Tensor, k: Tensor, v: Tensor, past_k: Tensor |
     return _attention_ref(q, k, v, None, scale, causal=True, window=window), k, v
 
 
+def _packed_attention_ref(qkv: Tensor, past_k: Tensor | None, past_v: Tensor | None,
+                          cos_cache: Tensor, sin_cache: Tensor, positions: Tensor, heads: int,
+                          kv_heads: int, scale: float, window: int = 0
+                          ) -> tuple[Tensor, Tensor, Tensor]:
+    """:func:`group_query_attention` of a packed projection with the rotary inside:
+    ``qkv [B, S, (Hq + 2·Hkv)·E]`` (queries, keys, values), rotary (halves) by
+    ``cos_cache / sin_cache [P, E/2]`` at ``positions [B, S]``. Returns ``(out [B, Hq, S, E],
+    present_k, present_v)`` like :func:`group_query_attention`."""
+    b, s, width = qkv.shape
+    e = width // (heads + 2 * kv_heads)
+    q, k, v = qkv.split([heads * e, kv_heads * e, kv_heads * e], dim=-1)
+    q, k, v = (t.reshape(b, s, -1, e).transpose(1, 2) for t in (q, k, v))
+    cos = cos_cache[positions].repeat(1, 1, 2).unsqueeze(1).to(qkv.dtype)  # [B, 1, S, E]
+    sin = sin_cache[positions].repeat(1, 1, 2).unsqueeze(1).to(qkv.dtype)
+    return _group_query_attention_ref(_rotary_ref(q, cos, sin), _rotary_ref(k, cos, sin), v,
+                                      past_k, past_v, scale, window)
+
+
 def _unpack(data: Tensor, bits: int, rows: int) -> Tensor:
     """uint8 bytes -> one value per element (low nibble first for 4 bits), ``[rows, -1]``."""
     data = data.reshape(rows, -1)
@@ -272,6 +290,9 @@ _define("group_query_attention(Tensor q, Tensor k, Tensor v, Tensor? past_k, Ten
 _define("matmul_nbits(Tensor x, Tensor qweight, Tensor scales, Tensor? zero_points, int k,"
         " int bits, int block_size, int accuracy_level=0, Tensor? bias=None) -> Tensor",
         _matmul_nbits_ref)
+_define("packed_attention(Tensor qkv, Tensor? past_k, Tensor? past_v, Tensor cos_cache,"
+        " Tensor sin_cache, Tensor positions, int heads, int kv_heads, float scale,"
+        " int window=0) -> (Tensor, Tensor, Tensor)", _packed_attention_ref)
 _define("gather_nbits(Tensor qweight, Tensor indices, Tensor scales, Tensor? zero_points, int k,"
         " int bits, int block_size) -> Tensor", _gather_nbits_ref)
 
@@ -287,3 +308,4 @@ int4_linear = _ops.int4_linear
 group_query_attention = _ops.group_query_attention
 matmul_nbits = _ops.matmul_nbits
 gather_nbits = _ops.gather_nbits
+packed_attention = _ops.packed_attention

@@ -4,6 +4,7 @@
     llmcompile.add_rms_norm           ==>  com.microsoft.SkipSimplifiedLayerNormalization
     llmcompile.rotary                 ==>  RotaryEmbedding (ONNX opset 23, per-token caches)
     llmcompile.group_query_attention  ==>  com.microsoft.GroupQueryAttention
+    llmcompile.packed_attention       ==>  com.microsoft.GroupQueryAttention (packed, do_rotary)
     llmcompile.matmul_nbits           ==>  com.microsoft.MatMulNBits (4 and 8 bit)
     llmcompile.gather_nbits           ==>  com.microsoft.GatherBlockQuantized (same bytes)
 
@@ -66,7 +67,7 @@ def register_schemas() -> None:
             inputs=[S.FormalParameter(n, t, param_option=o) for n, t, o in inputs],
             outputs=[S.FormalParameter(n, t, param_option=o) for n, t, o in outputs],
             type_constraints=[(t, allowed, "") for t, allowed in types.items()],
-            attributes=[S.Attribute(a, kind, "") for a, kind in attrs]))
+            attributes=[S.Attribute(a, kind, "", required=False) for a, kind in attrs]))
 
     A = S.AttrType
     schema("SimplifiedLayerNormalization", "",
@@ -84,11 +85,12 @@ def register_schemas() -> None:
     schema("GroupQueryAttention", MSFT,
            [("query", "T", one), ("key", "T", opt), ("value", "T", opt),
             ("past_key", "T", opt), ("past_value", "T", opt), ("seqlens_k", "M", one),
-            ("total_sequence_length", "M", one)],
+            ("total_sequence_length", "M", one), ("cos_cache", "T", opt),
+            ("sin_cache", "T", opt), ("position_ids", "P", opt)],
            [("output", "T", one), ("present_key", "T", one), ("present_value", "T", one)],
-           {"T": floats, "M": ["tensor(int32)"]},
+           {"T": floats, "M": ["tensor(int32)"], "P": ["tensor(int64)"]},
            [("num_heads", A.INT), ("kv_num_heads", A.INT), ("scale", A.FLOAT),
-            ("local_window_size", A.INT)],
+            ("local_window_size", A.INT), ("do_rotary", A.INT), ("rotary_interleaved", A.INT)],
            "Causal grouped-query attention with a KV cache (ONNX Runtime contrib)")
     schema("MatMulNBits", MSFT,
            [("A", "T1", one), ("B", "T2", one), ("scales", "T1", one),
@@ -188,6 +190,25 @@ def _group_query_attention(q, k, v, past_k, past_v, scale: float, window: int = 
     return op.Transpose(out, perm=[0, 2, 1, 3]), present_k, present_v
 
 
+def _packed_attention(qkv, past_k, past_v, cos_cache, sin_cache, positions, heads: int,
+                      kv_heads: int, scale: float, window: int = 0):
+    """One GroupQueryAttention on the packed projection, rotary inside (``do_rotary``)."""
+    op, msft = _opsets()
+    head_dim = qkv.shape[-1] // (heads + 2 * kv_heads)
+    total = _dim(op, qkv, 1)
+    if past_k is not None:
+        total = op.Add(total, _dim(op, past_k, 2))
+    seqlens = op.Expand(op.Sub(total, op.Constant(value_ints=[1])), _dim(op, qkv, 0))
+    total = op.Squeeze(total, op.Constant(value_ints=[0]))
+    out, present_k, present_v = msft.GroupQueryAttention(
+        qkv, None, None, past_k, past_v, op.Cast(seqlens, to=6), op.Cast(total, to=6),
+        cos_cache, sin_cache, positions, num_heads=int(heads), kv_num_heads=int(kv_heads),
+        scale=float(scale), local_window_size=int(window) if window > 0 else -1, do_rotary=1,
+        rotary_interleaved=0)
+    out = op.Reshape(out, op.Constant(value_ints=[0, 0, int(heads), int(head_dim)]))
+    return op.Transpose(out, perm=[0, 2, 1, 3]), present_k, present_v
+
+
 def _matmul_nbits(x, qweight, scales, zero_points, k: int, bits: int, block_size: int,
                   accuracy_level: int = 0, bias=None):
     op, msft = _opsets()
@@ -215,6 +236,7 @@ _TRANSLATIONS = {
     "add_rms_norm": ("SkipSimplifiedLayerNormalization", _add_rms_norm),
     "rotary": ("RotaryEmbedding", _rotary),
     "group_query_attention": ("GroupQueryAttention", _group_query_attention),
+    "packed_attention": ("GroupQueryAttention", _packed_attention),
     "matmul_nbits": ("MatMulNBits", _matmul_nbits),
     "gather_nbits": ("GatherBlockQuantized", _gather_nbits),
 }

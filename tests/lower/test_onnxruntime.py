@@ -194,6 +194,25 @@ def test_gather_nbits_translation_matches_reference(bits):
     assert last_session_ops().get("GatherBlockQuantized") == 1
 
 
+@pytest.mark.parametrize("past, positions", [(0, [[0, 1, 2, 3]] * 2), (5, [[5]] * 2),
+                                             (5, [[9], [2]])])  # any positions, per row
+def test_packed_attention_translation_matches_reference(past, positions):
+    heads, kv_heads, e, limit = 4, 2, 16, 64
+    angles = torch.arange(limit).float()[:, None] / (10000 ** (torch.arange(0, e, 2) / e))
+    cos, sin = angles.cos(), angles.sin()
+
+    def fn(qkv, past_k, past_v, pos):
+        return ops.packed_attention(qkv, past_k, past_v, cos, sin, pos, heads, kv_heads, 0.25)
+
+    pos = torch.tensor(positions)
+    qkv = torch.randn(2, pos.shape[1], (heads + 2 * kv_heads) * e)
+    past_k, past_v = torch.randn(2, 2, kv_heads, past, e).unbind(0)
+    got = torch.compile(fn, backend="llmcompile", options=ORT)(qkv, past_k, past_v, pos)
+    for a, b in zip(got, fn(qkv, past_k, past_v, pos)):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    assert last_session_ops() == {"GroupQueryAttention": 1}
+
+
 # --- export for deployment -----------------------------------------------------------------
 
 def test_static_kv_cache_written_in_place_is_copied_back():
