@@ -211,16 +211,24 @@ def check_packed(m: Match) -> Reject | dict:
     if isinstance(tables, str):
         return Reject(tables)
     cos_table, sin_table, positions = tables
+    if not same_shape(m.shape("q")[2:3], positions.meta["val"].shape[1:2]):
+        return Reject("the position ids and the queries differ in length")
+    # the first input of the same (symbolic) past length: every layer reads its size
+    length = m.shape("past_k")[2:3]
+    past_like = next((n for n in m.program.graph.nodes if n.op == "placeholder"
+                      and isinstance(n.meta.get("val"), torch.Tensor)
+                      and n.meta["val"].dim() == 4
+                      and same_shape(n.meta["val"].shape[2:3], length)), m["past_k"])
     return {"qkv": split.args[0], "cos_table": cos_table, "sin_table": sin_table,
-            "positions": positions, "heads": hq, "kv_heads": hkv}
+            "positions": positions, "heads": hq, "kv_heads": hkv, "past_like": past_like}
 
 
 # --- replacements ---------------------------------------------------------------------------
 
 def fused_packed(q, k, v, cos, sin, past_k, past_v, scale: float, window: int, qkv, cos_table,
-                 sin_table, positions, heads: int, kv_heads: int):
+                 sin_table, positions, heads: int, kv_heads: int, past_like=None):
     return ops.packed_attention(qkv, past_k, past_v, cos_table, sin_table, positions, heads,
-                                kv_heads, scale, window)
+                                kv_heads, scale, window, past_like)
 
 
 def fused_cached(q, past_k, k, past_v, v, scale: float, window: int):

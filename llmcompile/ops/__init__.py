@@ -209,12 +209,14 @@ def _group_query_attention_ref(q: Tensor, k: Tensor, v: Tensor, past_k: Tensor |
 
 def _packed_attention_ref(qkv: Tensor, past_k: Tensor | None, past_v: Tensor | None,
                           cos_cache: Tensor, sin_cache: Tensor, positions: Tensor, heads: int,
-                          kv_heads: int, scale: float, window: int = 0
-                          ) -> tuple[Tensor, Tensor, Tensor]:
+                          kv_heads: int, scale: float, window: int = 0,
+                          past_like: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """:func:`group_query_attention` of a packed projection with the rotary inside:
     ``qkv [B, S, (Hq + 2·Hkv)·E]`` (queries, keys, values), rotary (halves) by
     ``cos_cache / sin_cache [P, E/2]`` at ``positions [B, S]``. Returns ``(out [B, Hq, S, E],
-    present_k, present_v)`` like :func:`group_query_attention`."""
+    present_k, present_v)`` like :func:`group_query_attention`. ``past_like``: a tensor whose
+    dim 2 is the past length too (the first layer's past key), so that the ONNX file computes
+    the sequence lengths once for all layers; the math does not read it."""
     b, s, width = qkv.shape
     e = width // (heads + 2 * kv_heads)
     q, k, v = qkv.split([heads * e, kv_heads * e, kv_heads * e], dim=-1)
@@ -292,7 +294,8 @@ _define("matmul_nbits(Tensor x, Tensor qweight, Tensor scales, Tensor? zero_poin
         _matmul_nbits_ref)
 _define("packed_attention(Tensor qkv, Tensor? past_k, Tensor? past_v, Tensor cos_cache,"
         " Tensor sin_cache, Tensor positions, int heads, int kv_heads, float scale,"
-        " int window=0) -> (Tensor, Tensor, Tensor)", _packed_attention_ref)
+        " int window=0, Tensor? past_like=None) -> (Tensor, Tensor, Tensor)",
+        _packed_attention_ref)
 _define("gather_nbits(Tensor qweight, Tensor indices, Tensor scales, Tensor? zero_points, int k,"
         " int bits, int block_size) -> Tensor", _gather_nbits_ref)
 

@@ -191,14 +191,17 @@ def _group_query_attention(q, k, v, past_k, past_v, scale: float, window: int = 
 
 
 def _packed_attention(qkv, past_k, past_v, cos_cache, sin_cache, positions, heads: int,
-                      kv_heads: int, scale: float, window: int = 0):
-    """One GroupQueryAttention on the packed projection, rotary inside (``do_rotary``)."""
+                      kv_heads: int, scale: float, window: int = 0, past_like=None):
+    """One GroupQueryAttention on the packed projection, rotary inside (``do_rotary``); the
+    lengths from ``positions`` and ``past_like`` (inputs every layer shares: one computation
+    after ONNX Runtime's common-subexpression elimination)."""
     op, msft = _opsets()
     head_dim = qkv.shape[-1] // (heads + 2 * kv_heads)
-    total = _dim(op, qkv, 1)
-    if past_k is not None:
-        total = op.Add(total, _dim(op, past_k, 2))
-    seqlens = op.Expand(op.Sub(total, op.Constant(value_ints=[1])), _dim(op, qkv, 0))
+    total = _dim(op, positions, 1)
+    past = past_like if past_like is not None else past_k
+    if past is not None:
+        total = op.Add(total, _dim(op, past, 2))
+    seqlens = op.Expand(op.Sub(total, op.Constant(value_ints=[1])), _dim(op, positions, 0))
     total = op.Squeeze(total, op.Constant(value_ints=[0]))
     out, present_k, present_v = msft.GroupQueryAttention(
         qkv, None, None, past_k, past_v, op.Cast(seqlens, to=6), op.Cast(total, to=6),
@@ -242,11 +245,27 @@ _TRANSLATIONS = {
 }
 
 
+def _split_with_sizes(x, split_sizes, dim: int = 0):
+    """One ``Split`` into equal parts (a packed gate / up projection), else a ``Slice`` per
+    part: the exporter's own translation is a sequence (``SplitToSequence`` and a
+    ``SequenceAt`` per part)."""
+    op, _ = _opsets()
+    sizes = [int(n) for n in split_sizes]
+    if len(set(sizes)) == 1:
+        return op.Split(x, axis=int(dim), num_outputs=len(sizes))
+    axes, start, parts = op.Constant(value_ints=[int(dim)]), 0, []
+    for size in sizes:
+        parts.append(op.Slice(x, op.Constant(value_ints=[start]),
+                              op.Constant(value_ints=[start + size]), axes))
+        start += size
+    return tuple(parts)
+
+
 def translation_table(provider: str, dtype: torch.dtype) -> tuple[dict, list[str]]:
     """``custom_translation_table`` for ``provider`` and model ``dtype``, plus notes on what
     is emitted as standard ONNX ops because the provider has no kernel for it."""
     register_schemas()
-    table, notes = {}, []
+    table, notes = {torch.ops.aten.split_with_sizes.default: _split_with_sizes}, []
     for name, (onnx_op, fn) in _TRANSLATIONS.items():
         if supported(onnx_op, provider, dtype):
             table[getattr(torch.ops.llmcompile, name).default] = fn
