@@ -16,7 +16,7 @@ import torch.fx as fx
 
 from .program import Program
 
-__all__ = ["eliminate_dead_code", "fold_weights"]
+__all__ = ["eliminate_dead_code", "evaluate", "fold_weights"]
 
 _NEVER_FOLD = {"rand", "randn", "randint", "bernoulli", "dropout", "normal", "empty"}
 
@@ -51,25 +51,39 @@ def _symbolic(node: fx.Node) -> bool:
     return not isinstance(val, (tuple, list))
 
 
-def fold_weights(program: Program) -> int:
-    """Evaluate nodes that depend only on weights; returns how many constants were created."""
-    order = _foldable(program)
-    if not order:
-        return 0
-    members = set(order)
-    env: dict[fx.Node, Any] = {}
+def evaluate(program: Program, nodes, env: dict[fx.Node, Any] | None = None
+             ) -> dict[fx.Node, Any]:
+    """Run ``nodes`` (in graph order) on real values, without autograd: an argument is read from
+    ``env`` (values given or computed so far) or, for a weight, from the program. Returns
+    ``env`` with every node's value."""
+    env = {} if env is None else env
 
     def value(v):
         if isinstance(v, fx.Node):
             return env[v] if v in env else program.weight(v)
         return v
 
-    created = 0
     with torch.no_grad():
-        for node in order:
+        for node in nodes:
+            if node in env:
+                continue
+            if node.op in ("placeholder", "get_attr"):
+                env[node] = program.weight(node)
+                continue
             args = fx.node.map_aggregate(node.args, value)
             kwargs = fx.node.map_aggregate(node.kwargs, value)
             env[node] = node.target(*args, **kwargs)
+    return env
+
+
+def fold_weights(program: Program) -> int:
+    """Evaluate nodes that depend only on weights; returns how many constants were created."""
+    order = _foldable(program)
+    if not order:
+        return 0
+    members = set(order)
+    env = evaluate(program, order)
+    created = 0
     for node in order:
         if all(u in members for u in node.users) or not isinstance(env[node], torch.Tensor):
             continue

@@ -42,7 +42,7 @@ from ..core.program import capture_export
 from ..core.recipe import Recipe, RecipeError
 from ..lower.onnxruntime import OnnxLoweringError, model_dtype, prepare, to_onnx
 from ..ops.onnx import CPU
-from .genai import context_length, write_genai_config
+from .genai import context_length, text_config, write_genai_config
 from .generate import _with_exit, early_exit_config
 
 log = logging.getLogger("llmcompile")
@@ -134,7 +134,7 @@ class _CausalLM(torch.nn.Module):
 
 
 def _geometry(config) -> dict[str, int]:
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    text = text_config(config)
     layers = text.num_hidden_layers
     heads = text.num_attention_heads
     kv_heads = getattr(text, "num_key_value_heads", None) or heads

@@ -19,7 +19,7 @@ from typing import Any
 
 from ..ops.onnx import CUDA
 
-__all__ = ["CONFIG", "context_length", "genai_config", "write_genai_config"]
+__all__ = ["CONFIG", "context_length", "genai_config", "text_config", "write_genai_config"]
 
 CONFIG = "genai_config.json"
 #: GenAI's default context when the model's config names none
@@ -30,18 +30,19 @@ def _token(value: Any) -> Any:
     return value[0] if isinstance(value, (list, tuple)) and len(value) == 1 else value
 
 
-def _text(config):
+def text_config(config):
+    """The decoder's config of a (possibly multimodal) transformers config."""
     return config.get_text_config() if hasattr(config, "get_text_config") else config
 
 
 def context_length(config) -> int:
     """The longest sequence the model takes (``max_position_embeddings``; GenAI's default)."""
-    return int(getattr(_text(config), "max_position_embeddings", None) or DEFAULT_CONTEXT)
+    return int(getattr(text_config(config), "max_position_embeddings", None) or DEFAULT_CONTEXT)
 
 
 def genai_config(module, sidecar: dict[str, Any], filename: str, provider: str) -> dict:
     """The ``genai_config.json`` content for ``filename`` (exported from ``module``)."""
-    text = _text(module.config)
+    text = text_config(module.config)
     context = context_length(module.config)
     eos = _token(sidecar.get("eos_token_id"))
     pad = getattr(text, "pad_token_id", None)

@@ -38,6 +38,7 @@ import torch.fx as fx
 from llmcompile import ops
 from llmcompile._compat import same_shape
 from llmcompile.analysis.masks import causal_window
+from llmcompile.core.fold import evaluate
 from llmcompile.core.rules import Match, Reject, Rule, RuleSet
 
 _EXAMPLE = {"q": (2, 4, 3, 8), "k": (2, 2, 3, 8), "v": (2, 2, 3, 8), "past_k": (2, 2, 5, 8),
@@ -137,18 +138,8 @@ def _ancestors(node: fx.Node) -> set[fx.Node]:
 
 
 def _evaluate(program, nodes: set[fx.Node], out: fx.Node, feed: dict) -> torch.Tensor:
-    env: dict[fx.Node, object] = {}
-    for n in program.graph.nodes:  # graph order is topological
-        if n not in nodes:
-            continue
-        if n in feed:
-            env[n] = feed[n]
-        elif n.op in ("placeholder", "get_attr"):
-            env[n] = program.weight(n)
-        else:
-            args, kwargs = fx.map_arg((n.args, n.kwargs), lambda a: env[a])
-            env[n] = n.target(*args, **kwargs)
-    return env[out]
+    """``out`` computed from ``feed`` and the weights (``nodes``: its ancestors)."""
+    return evaluate(program, [n for n in program.graph.nodes if n in nodes], dict(feed))[out]
 
 
 def rotary_tables(program, cos: fx.Node, sin: fx.Node, head_dim: int, dtype
