@@ -13,7 +13,7 @@ Rules per op class (``q [B, Hq, S, E]``, ``k/v [B, Hkv, T, E]``, weights ``[N, K
     attention                    2·B·Hq·pairs·(E + Ev) flops, pairs = query/key pairs the mask
                                  keeps (dense, causal, window + sinks, block-sparse); keys read
                                  = those any query sees
-    embedding                    one row per token (not the table)
+    embedding                    one row per token (not the table; gather_nbits: its bits)
     rms_norm, rotary, silu_mul,  bytes only (FLOPs are the matmuls' and attention's: the
     pointwise, reductions,       rest is bound by memory); pointwise ops fuse into their
     copies                       neighbours' kernels, so they launch none of their own
@@ -387,6 +387,8 @@ def _attention(walk: _Walk, node: fx.Node) -> NodeCost:
 def _embedding(walk: _Walk, node: fx.Node) -> NodeCost:
     out = _tensors_out(node)[0]
     rows = _numel(_shape(out, walk.rename)) * out.element_size()  # one row per token
+    if node.target is llmc.gather_nbits.default:  # quantized rows (block scales left out)
+        rows = _numel(_shape(out, walk.rename)) * node.args[5] / 8
     cost = Cost(weights=rows) + walk.read(node.args[1]) + walk.write(node)
     return NodeCost(node.name, _op_name(node), "embedding", cost)
 
@@ -399,7 +401,7 @@ def _kind(node: fx.Node) -> str | None:
         return "packed"
     if target in _ATTENTION:
         return "attention"
-    if target is aten.embedding.default:
+    if target in (aten.embedding.default, llmc.gather_nbits.default):
         return "embedding"
     if target in _NORMS:
         return "norm"
