@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import logging
 import os
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -190,3 +191,69 @@ def recompile_limit(at_least: int):
     config = torch._dynamo.config
     with config.patch(recompile_limit=max(config.recompile_limit, at_least)):
         yield
+
+
+# --- torch.onnx's translator, driven on a graph we already hold (lower/onnx_emit.py) --------
+
+@contextlib.contextmanager
+def onnx_quiet():
+    """torch.onnx warns once per node without ``nn_module_stack`` (ours carry none after a
+    rewrite) and once per missing torchvision op: not the user's concern."""
+    loggers = [logging.getLogger(f"torch.onnx._internal.exporter.{m}")
+               for m in ("_core", "_registration")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
+def onnx_registry(opset: int, table: dict) -> Any:
+    """torch.onnx's table of ATen -> ONNX translations (torchlib) plus ``table``'s."""
+    from torch.onnx._internal.exporter import _registration
+
+    with onnx_quiet():
+        registry = _registration.ONNXRegistry.from_torchlib(opset_version=opset)
+    for op, fn in table.items():
+        registry.register_op(op, fn, is_complex=False)
+    return registry
+
+
+def onnx_translatable(registry: Any, target: Any) -> bool:
+    return bool(registry.get_decomps(target))
+
+
+def onnx_translate(graph: fx.Graph, registry: Any, producer: str, opset: int
+                   ) -> tuple[Any, dict]:
+    """Translate an ATen FX graph (every node with ``meta["val"]``) to an ``onnx_ir`` model,
+    node by node, with torch.onnx's translations: ``(model, FX node name -> value(s))``. The
+    model's inputs are the graph's placeholders, its outputs the graph's outputs."""
+    import onnx_ir as ir
+    from torch.onnx._internal.exporter import _constants, _core, _ir_passes
+
+    model = ir.Model(ir.Graph([], [], nodes=[], name="main_graph"),
+                     ir_version=_constants.ONNX_IR_VERSION, producer_name=producer)
+    with onnx_quiet():
+        values = _core._translate_fx_graph(graph, model, graph_like=model.graph,
+                                           owned_graphs={}, lower="at_conversion",
+                                           registry=registry)
+    model.opset_imports[""] = opset  # the registry's; torch.onnx would write 18, then convert
+    _ir_passes.add_opset_imports(model)
+    return model, values
+
+
+def onnx_tensor(tensor: torch.Tensor, name: str) -> Any:
+    """An ``onnx_ir`` tensor over a torch tensor's memory (written out by the model's save)."""
+    from torch.onnx._internal.exporter._core import TorchTensor
+
+    return TorchTensor(tensor, name=name)
+
+
+def onnx_save(model: Any, path: str) -> None:
+    """Save an ``onnx_ir`` model with its initializers as external data beside ``path``."""
+    from torch.onnx._internal.exporter import _onnx_program
+
+    _onnx_program.ONNXProgram(model, None).save(path, external_data=True)

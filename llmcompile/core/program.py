@@ -91,6 +91,9 @@ class Program:
     #: found from the weights' sources; module paths are relative to them
     roots: tuple[str, ...] = ()
     _const_ids: itertools.count = field(default_factory=itertools.count, repr=False)
+    #: traced replacements, reused for matches with the same rule, input shapes and constants
+    #: (every layer of a model): see ``core.rewrite``
+    replacements: dict = field(default_factory=dict, repr=False)
 
     @property
     def graph(self) -> fx.Graph:

@@ -108,15 +108,53 @@ def _replacement_args(rule: Rule, match: Match, extra: dict[str, Any]):
 
 
 def _trace_replacement(program: Program, rule: Rule, tensors, constants) -> fx.GraphModule:
+    """The replacement traced on the match's values; reused for every match with the same
+    rule, constants and input shapes, dtypes and strides (the symbols of one shape
+    environment), which is every layer of a model."""
     names = [n for n, _ in tensors]
+    vals = [node.meta["val"] for _, node in tensors]
+    key = _trace_key(rule, names, vals, constants)
+    if key is not None and key in program.replacements:
+        return program.replacements[key]
 
     def call(*ts):
         return rule.replacement(**dict(zip(names, ts)), **constants)
 
-    vals = [node.meta["val"] for _, node in tensors]
     gm = _compat.trace_aten(call, vals, program.fake_mode)
     canonicalize(gm.graph)
+    if key is not None:
+        program.replacements[key] = gm
     return gm
+
+
+_PLAIN = (bool, int, float, str, type(None), torch.dtype, torch.device)
+
+
+def _trace_key(rule: Rule, names: list[str], vals: list[Any], constants: dict[str, Any]
+               ) -> tuple | None:
+    """What a traced replacement depends on; None when a constant is not a plain value."""
+    def plain(v: Any) -> Any:
+        if isinstance(v, (list, tuple)):
+            parts = [plain(x) for x in v]
+            return None if any(p is None for p in parts) else (type(v).__name__, *parts)
+        return (type(v).__name__, repr(v)) if isinstance(v, _PLAIN) else None
+
+    def value(v: Any) -> Any:
+        if isinstance(v, torch.Tensor):
+            return (v.dtype, v.device, tuple(map(str, v.shape)), tuple(map(str, v.stride())))
+        return plain(v) if not isinstance(v, torch.SymInt) else ("sym", str(v))
+
+    consts = tuple((k, plain(v)) for k, v in sorted(constants.items()))
+    if any(c is None for _, c in consts):
+        return None
+    shapes = tuple(value(v) for v in vals)
+    if any(s is None for s in shapes):
+        return None
+    # which inputs are one value: the trace follows a value, so a replacement traced with
+    # two parameters bound to one tensor reads that tensor for both (layer 0's past K/V is
+    # also the input every layer reads the past length from)
+    same = tuple(next(j for j, w in enumerate(vals) if w is v) for v in vals)
+    return (rule, tuple(names), shapes, same, consts)
 
 
 def _splice(program: Program, rep: fx.GraphModule, inputs: list[fx.Node], where: fx.Node,

@@ -1,14 +1,19 @@
 """Lowering to ONNX and ONNX Runtime.
 
-The rewritten Program becomes an ONNX model in four steps:
+The rewritten Program becomes an ONNX model in two steps:
 
 1. *lowering rules* (``lower/onnx_attention.py``): causal attention over a KV cache becomes
    ``llmcompile.group_query_attention``, which ONNX Runtime runs as ``GroupQueryAttention``;
-2. weights become constants of the graph (ONNX initializers; a tensor shared by two weights, a
-   tied embedding and LM head, is stored once) and symbolic-size inputs become ``sym_size``;
-3. ``torch.export`` of that graph, with every symbolic dimension dynamic;
-4. ``torch.onnx.export`` with the translations of :mod:`llmcompile.ops.onnx` (contrib ops where
-   the provider runs them, standard ONNX ops otherwise), saved with external data.
+   symbolic-size inputs become ``sym_size``;
+2. *direct emission* (:mod:`.onnx_emit`): every node translated once, with torch.onnx's own
+   translations plus those of :mod:`llmcompile.ops.onnx` (contrib ops where the provider runs
+   them, standard ONNX ops otherwise); weights become initializers (a tensor shared by two
+   weights, a tied embedding and LM head, is stored once), saved as external data.
+
+A graph that direct emission does not take (an op without a translation, an in-place write)
+goes the *traced* way instead, with a logged reason: weights become constants, ``torch.export``
+with every symbolic dimension dynamic, then ``torch.onnx.export``, which decomposes first.
+Both give the same file where both apply; the traced way takes several times longer.
 
 :func:`compile_onnxruntime` wraps the file in an ``InferenceSession`` that takes and returns
 torch tensors through IO binding on their own memory (CUDA provider when the model is on a
@@ -36,6 +41,7 @@ from .. import _compat
 from ..core.program import Program
 from ..core.rewrite import Stats, apply_rules
 from ..ops.onnx import CPU, CUDA, translation_table
+from . import onnx_emit
 
 log = logging.getLogger("llmcompile")
 
@@ -172,11 +178,15 @@ class OnnxModel:
     mutations: dict[int, int] = field(default_factory=dict)
     #: ONNX output index of each of the graph's outputs, in order
     user_outputs: list[int] = field(default_factory=list)
+    #: how the file was written: "direct" (:mod:`.onnx_emit`) or "traced" (torch.export, then
+    #: torch.onnx.export)
+    way: str = "direct"
 
 
 def to_onnx(program: Program, args: Sequence[Any], path: str | os.PathLike, *,
             provider: str = CPU, input_names: Sequence[str] | None = None,
-            output_names: Sequence[str] | None = None, dynamic_shapes: Any = None) -> OnnxModel:
+            output_names: Sequence[str] | None = None, dynamic_shapes: Any = None,
+            direct: bool = True) -> OnnxModel:
     """Export the (prepared) program to an ONNX file at ``path`` (weights as external data).
 
     ``args`` are example values of the program's non-weight inputs, in order; by default every
@@ -186,12 +196,24 @@ def to_onnx(program: Program, args: Sequence[Any], path: str | os.PathLike, *,
     dtype = model_dtype(program)
     table, notes = translation_table(provider, dtype)
     notes += sparse_attention_notes(program.graph)
-    _weights_to_constants(program)
     _symbols_to_sizes(program.graph)
     program.graph._codegen = fx.graph.CodeGen()  # flat positional inputs, not a pytree
     mutations = _return_mutated_inputs(program)
     if mutations and output_names:
         raise OnnxLoweringError("a file for deployment must not write its inputs in place")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for stale in (path, path.with_name(path.name + ".data")):
+        stale.unlink(missing_ok=True)
+    if direct:
+        try:
+            registry = onnx_emit.registry(OPSET, table, (provider, dtype))
+            user_outputs = onnx_emit.emit(program, path, registry, input_names=input_names,
+                                          output_names=output_names)
+            return OnnxModel(path, notes, mutations, user_outputs, "direct")
+        except onnx_emit.NotDirect as e:
+            log.info("llmcompile: ONNX through torch.export + torch.onnx.export: %s", e)
+    _weights_to_constants(program)
     program.recompile()
     inputs = [n for n in program.graph.nodes if n.op == "placeholder"]
     if len(inputs) != len(args):
@@ -208,7 +230,7 @@ def to_onnx(program: Program, args: Sequence[Any], path: str | os.PathLike, *,
         except Exception as e:
             raise OnnxLoweringError(f"torch.export of the rewritten graph failed: "
                                     f"{str(e).splitlines()[0][:300]}") from e
-    with _quiet(), _compat.no_tracing_context():
+    with _quiet(), _compat.onnx_quiet(), _compat.no_tracing_context():
         try:
             onnx_program = torch.onnx.export(
                 ep, tuple(args), dynamo=True, custom_translation_table=table,
@@ -218,12 +240,8 @@ def to_onnx(program: Program, args: Sequence[Any], path: str | os.PathLike, *,
         except Exception as e:
             raise OnnxLoweringError(_export_failure(e)) from e
     user_outputs = _io_map(onnx_program, bool(output_names))
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    for stale in (path, path.with_name(path.name + ".data")):
-        stale.unlink(missing_ok=True)
     onnx_program.save(str(path), external_data=True)
-    return OnnxModel(path, notes, mutations, user_outputs)
+    return OnnxModel(path, notes, mutations, user_outputs, "traced")
 
 
 def sparse_attention_notes(graph: fx.Graph) -> list[str]:
@@ -266,13 +284,15 @@ def _io_map(onnx_program, renamed: bool) -> list[int]:
 
 def _return_mutated_inputs(program: Program) -> dict[int, int]:
     """Inputs the graph writes in place (a static KV cache) become extra outputs, since the
-    exporter drops in-place writes to inputs; returns output index -> input index."""
+    exporter drops in-place writes to inputs; returns output index -> input index (among the
+    inputs that are not weights)."""
     from ..core.program import mutated_inputs
 
     written = mutated_inputs(program.graph)
     if not written:
         return {}
-    inputs = [n for n in program.graph.nodes if n.op == "placeholder"]
+    inputs = [n for n in program.graph.nodes if n.op == "placeholder"
+              and n.name not in program.weights]  # the file's inputs; weights are stored
     output = next(n for n in program.graph.nodes if n.op == "output")
     outs = list(output.args[0]) if isinstance(output.args[0], (list, tuple)) else [output.args[0]]
     extra = [n for n in inputs if n in written]

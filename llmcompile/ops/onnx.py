@@ -145,6 +145,28 @@ def _add_rms_norm(x, residual, weight, eps: float, offset: float = 0.0):
     return out, total
 
 
+def _silu_mul(gate, up):
+    op, _ = _opsets()
+    return op.Mul(op.Mul(gate, op.Sigmoid(gate)), up)
+
+
+def _gelu_mul(gate, up, approximate: str = "none"):
+    """GELU written out (erf or tanh form): the patterns ONNX Runtime fuses into its Gelu /
+    FastGelu kernels."""
+    op, _ = _opsets()
+
+    def const(value: float):
+        return op.CastLike(op.Constant(value_float=value), gate)
+
+    if approximate == "tanh":
+        cube = op.Mul(const(0.044715), op.Mul(gate, op.Mul(gate, gate)))
+        inner = op.Tanh(op.Mul(const(0.7978845608028654), op.Add(gate, cube)))
+    else:
+        inner = op.Erf(op.Div(gate, const(1.4142135623730951)))
+    gelu = op.Mul(gate, op.Mul(const(0.5), op.Add(inner, const(1.0))))
+    return op.Mul(gelu, up)
+
+
 def _dim(op, x, axis: int):
     return op.Shape(x, start=axis, end=axis + 1)
 
@@ -265,7 +287,10 @@ def translation_table(provider: str, dtype: torch.dtype) -> tuple[dict, list[str
     """``custom_translation_table`` for ``provider`` and model ``dtype``, plus notes on what
     is emitted as standard ONNX ops because the provider has no kernel for it."""
     register_schemas()
-    table, notes = {torch.ops.aten.split_with_sizes.default: _split_with_sizes}, []
+    table = {torch.ops.aten.split_with_sizes.default: _split_with_sizes,
+             torch.ops.llmcompile.silu_mul.default: _silu_mul,
+             torch.ops.llmcompile.gelu_mul.default: _gelu_mul}
+    notes: list[str] = []
     for name, (onnx_op, fn) in _TRANSLATIONS.items():
         if supported(onnx_op, provider, dtype):
             table[getattr(torch.ops.llmcompile, name).default] = fn

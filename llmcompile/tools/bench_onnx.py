@@ -175,7 +175,7 @@ def run(recipes: tuple[str, ...] = ("default", "int4"), prompt_len: int = 128,
     from ..deploy.runner import OnnxCausalLM
     from ..registry import resolve_recipe
     from .measure import measure_bandwidth
-    from .models import greedy_generate, load_smollm2, smollm2_folder
+    from .models import greedy_generate, load_smollm2
 
     bandwidth = measure_bandwidth()
     model, tokenizer = load_smollm2()
@@ -203,7 +203,7 @@ def run(recipes: tuple[str, ...] = ("default", "int4"), prompt_len: int = 128,
     for recipe in recipes:
         path = root / f"llmcompile-{recipe}" / "model.onnx"
         make(f"llmcompile-{recipe}", path, lambda r=recipe, p=path: export(
-            model, p, resolve_recipe(r), tokenizer=str(smollm2_folder())).path)
+            model, p, resolve_recipe(r), tokenizer=tokenizer).path)
     from .quality import DEFAULT_TEXT
 
     text = DEFAULT_TEXT.read_text()

@@ -186,3 +186,33 @@ def test_check_rewrite_fails_on_wrong_expectation():
         check_rewrite(SQUARE, square_then_exp, lambda x: torch.exp(x + x), (torch.randn(3),))
     with pytest.raises(AssertionError, match="expected 2 rewrites"):
         check_rewrite(SQUARE, square_then_exp, None, (torch.randn(3),), count=2)
+
+
+def test_a_replacement_is_traced_once_for_matches_of_one_shape():
+    traced = []
+
+    def counted(x, w, eps: float):
+        traced.append(tuple(x.shape))
+        return rms_fused(x, w, eps)
+
+    rules = RuleSet("t", [Rule("rms", rms, counted, check=eps_constant,
+                               example={"x": (2, 3, 8), "w": (8,)})])
+
+    def layers(x, w1, w2, w3):  # three norms; the last is over another shape
+        h = rms(rms(x, w1, 1e-6) + x, w2, 1e-6)
+        return rms(h[..., :8], w3, 1e-6)
+
+    inputs = (torch.randn(2, 5, 16), torch.randn(16), torch.randn(16), torch.randn(8))
+    program, stats = rewrite(rules, layers, inputs, weights=[1, 2, 3])
+    assert stats.fired("rms") == 3 and len(traced) == 2, traced  # one trace per shape
+    check_rewrite(rules, layers, None, inputs, count=3, weights=[1, 2, 3])
+    traced.clear()
+    rewrite(rules, lambda x, w: rms(x, w, 1e-6) + rms(x, w, 1e-5), inputs[:2], weights=[1])
+    assert len(traced) == 2  # another eps is another replacement
+
+
+def test_a_replacement_traced_on_one_value_twice_is_not_reused_for_two():
+    rule = Rule("exp_sub", lambda a, b: torch.exp(a - b),
+                lambda a, b: torch.exp(a) / torch.exp(b))
+    check_rewrite(rule, lambda x, y: torch.exp(x - x) * torch.exp(y - x), None,
+                  (torch.randn(4), torch.randn(4)), count=2)
