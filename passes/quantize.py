@@ -23,6 +23,7 @@ For the ``onnxruntime`` target the weights are laid out for ONNX Runtime's ``Mat
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import inspect
 from dataclasses import dataclass, field
@@ -159,7 +160,8 @@ class QuantizeConfig(PassConfig):
                                         cal["samples"] * cal["seq_len"])
         except CalibrationError as e:
             raise RecipeError(str(e)) from None
-        return collect_inputs(program, todo, tokens, seed=self.seed)
+        with program.timed("calibration"):
+            return collect_inputs(program, todo, tokens, seed=self.seed)
 
     def _rules(self, keys: dict[str, tuple], activations: dict, onnx: bool) -> RuleSet:
         def check(m: Match) -> Reject | dict:
@@ -172,10 +174,8 @@ class QuantizeConfig(PassConfig):
                 return Reject(f"output width {m.shape('w')[0]} is not a multiple of 16, which "
                               "the int4 CPU kernel needs")
             key = keys[m.anchor.name]
-            if key not in _CACHE:
-                _CACHE[key] = self._quantize(m.weight("w"), activations.get(m.anchor.name),
-                                             onnx)
-            return dict(_CACHE[key])
+            return dict(self._solved(m.program, key, m.weight("w"),
+                                     activations.get(m.anchor.name), onnx))
 
         replacement = (nbits_replacement if onnx else int8_replacement if self.bits == 8
                        else int4_replacement)
@@ -205,9 +205,7 @@ class QuantizeConfig(PassConfig):
                 return Reject("not tied to a linear layer this pass quantizes (an untied "
                               "table is only gathered from: it stays in float)")
             key = keys[tied]
-            if key not in _CACHE:
-                _CACHE[key] = self._quantize(table, activations.get(tied), True)
-            packed = dict(_CACHE[key])
+            packed = dict(self._solved(m.program, key, table, activations.get(tied), True))
             if packed["qweight"].shape[1] * packed["block_size"] != packed["k"]:
                 return Reject(f"width {packed['k']} is not a whole number of "
                               f"{packed['block_size']}-wide blocks")
@@ -219,6 +217,16 @@ class QuantizeConfig(PassConfig):
         return [Rule(name, embedding, gather_replacement, check=check, example=example),
                 Rule(f"{name}_padded", embedding_padded, gather_replacement, check=check,
                      example=example)]
+
+    def _solved(self, program, key: tuple, w: torch.Tensor, act, onnx: bool) -> dict[str, Any]:
+        """The layer's quantized tensors, solved once per checksum; a calibrated method's
+        search is timed as calibration (``program.seconds``)."""
+        if key not in _CACHE:
+            timed = (program.timed("calibration") if self.method != "rtn"
+                     else contextlib.nullcontext())
+            with timed:
+                _CACHE[key] = self._quantize(w, act, onnx)
+        return _CACHE[key]
 
     def _quantize(self, w: torch.Tensor, act, onnx: bool) -> dict[str, Any]:
         if w.device.type != "cpu" and not onnx:

@@ -8,9 +8,11 @@ passes may rewrite weights once, at compile time.
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import itertools
 import re
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -94,6 +96,17 @@ class Program:
     #: traced replacements, reused for matches with the same rule, input shapes and constants
     #: (every layer of a model): see ``core.rewrite``
     replacements: dict = field(default_factory=dict, repr=False)
+    #: wall seconds of stages that passes time themselves (``calibration``), summed
+    seconds: dict[str, float] = field(default_factory=dict, repr=False)
+
+    @contextlib.contextmanager
+    def timed(self, stage: str):
+        """Add the wall time of the block to ``seconds[stage]``."""
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[stage] = self.seconds.get(stage, 0.0) + time.perf_counter() - start
 
     @property
     def graph(self) -> fx.Graph:

@@ -61,6 +61,11 @@ class ExportResult:
     #: an early-exit recipe's draft file (its weights in the full model's data) and report
     draft: Path | None = None
     draft_report: Report | None = None
+    #: wall seconds per stage: ``capture`` (torch.export), ``recipe`` (its passes, calibration
+    #: excluded), ``calibration`` (calibrated recipes), ``lowering`` (the ONNX lowering rules),
+    #: ``writing`` (translation and saving), ``checking`` (onnx.checker), ``files`` (sidecar,
+    #: genai_config.json, tokenizer); a draft's stages are added in
+    seconds: dict[str, float] = field(default_factory=dict)
 
     @property
     def size_bytes(self) -> int:
@@ -266,10 +271,12 @@ def export(model: torch.nn.Module, path: str | Path, recipe: Recipe, *, tokenize
         draft_recipe = _with_exit(recipe, exit_config, **changes)
         recipe = _with_exit(recipe, exit_config, graph="full")
     path = Path(path)
+    seconds: dict[str, float] = {}
     program, report, result = _export_graph(module, recipe, path, geometry, tokenizer,
-                                            provider)
+                                            provider, seconds=seconds)
     if check:
-        onnx.checker.check_model(str(path), full_check=True)
+        with _timed(seconds, "checking"):
+            onnx.checker.check_model(str(path), full_check=True)
     extra: dict[str, Any] = {}
     notes = list(result.notes)
     draft = draft_report = None
@@ -277,10 +284,13 @@ def export(model: torch.nn.Module, path: str | Path, recipe: Recipe, *, tokenize
         draft = path.with_name(path.stem + ".draft.onnx")
         exit_layer = exit_config.exit_layer
         _, draft_report, draft_result = _export_graph(module, draft_recipe, draft, geometry,
-                                                      tokenizer, provider, exit_layer)
-        shared, own = _share_external_data(draft, path)
+                                                      tokenizer, provider, exit_layer,
+                                                      seconds=seconds)
+        with _timed(seconds, "writing"):
+            shared, own = _share_external_data(draft, path)
         if check:
-            onnx.checker.check_model(str(draft), full_check=True)
+            with _timed(seconds, "checking"):
+                onnx.checker.check_model(str(draft), full_check=True)
         notes += [n for n in draft_result.notes if n not in notes]
         notes.append(f"draft {draft.name} (layers 0..{exit_layer - 1} + exit head): "
                      f"{shared} weight bytes read from {path.name}.data, {own} of its own")
@@ -289,30 +299,49 @@ def export(model: torch.nn.Module, path: str | Path, recipe: Recipe, *, tokenize
                           "draft_tokens": exit_config.draft_tokens, "layers": exit_layer,
                           "inputs": inputs, "outputs": outputs,
                           "rules": draft_report.counts()}
-    sidecar = write_sidecar(path, module, recipe=recipe.name, rules=report.counts(),
-                            weights_dtype=str(model_dtype(program)), **extra)
-    write_genai_config(path, module, sidecar, provider)
-    if tokenizer is not None:
-        _save_tokenizer(tokenizer, path.parent)
-    log.info("llmcompile export: done in %.0f s", time.perf_counter() - started)
-    return ExportResult(path, report, sidecar, notes, draft, draft_report)
+    with _timed(seconds, "files"):
+        sidecar = write_sidecar(path, module, recipe=recipe.name, rules=report.counts(),
+                                weights_dtype=str(model_dtype(program)), **extra)
+        write_genai_config(path, module, sidecar, provider)
+        if tokenizer is not None:
+            _save_tokenizer(tokenizer, path.parent)
+    log.info("llmcompile export: done in %.0f s (%s)", time.perf_counter() - started,
+             ", ".join(f"{k} {v:.1f} s" for k, v in seconds.items()))
+    return ExportResult(path, report, sidecar, notes, draft, draft_report, seconds)
+
+
+@contextlib.contextmanager
+def _timed(seconds: dict[str, float], stage: str):
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        seconds[stage] = seconds.get(stage, 0.0) + time.perf_counter() - start
 
 
 def _export_graph(module, recipe: Recipe, path: Path, geometry: dict, tokenizer: Any,
-                  provider: str, cache_layers: int | None = None):
+                  provider: str, cache_layers: int | None = None, *,
+                  seconds: dict[str, float]):
     """Capture, rewrite and write one file: ``(program, report, OnnxModel)``. ``cache_layers``:
-    the file's past / present are the first that many layers' (a draft); default all."""
+    the file's past / present are the first that many layers' (a draft); default all. Adds
+    each stage's wall time to ``seconds``."""
     layers = geometry["layers"] if cache_layers is None else cache_layers
     dtype, device = _dtype_device(module)
     log.info("llmcompile export: capturing %s (%d layers) with torch.export",
              type(module).__name__, geometry["layers"])
-    program, args, dynamic = capture_program(module, geometry, cache_layers)
+    with _timed(seconds, "capture"):
+        program, args, dynamic = capture_program(module, geometry, cache_layers)
     program.context.update(target="onnxruntime", tokenizer=tokenizer,
                            max_positions=context_length(module.config))
     program.example_inputs = _calibration_inputs(program, {**geometry, "layers": layers},
                                                  dtype, device)
     log.info("llmcompile export: running recipe %r", recipe.name)
-    report = run_pipeline(program, recipe)
+    with _timed(seconds, "recipe"):
+        report = run_pipeline(program, recipe)
+    calibration = program.seconds.get("calibration", 0.0)
+    if calibration:
+        seconds["recipe"] -= calibration
+        seconds["calibration"] = seconds.get("calibration", 0.0) + calibration
     if cache_layers is not None:  # the draft: the later layers' weights are unused now
         for node in [n for n in program.graph.nodes if n.op == "placeholder"
                      and n.name in program.weights and not n.users]:
@@ -322,12 +351,14 @@ def _export_graph(module, recipe: Recipe, path: Path, geometry: dict, tokenizer:
     start = time.perf_counter()
     report.runs.append(PassRun("lower", "onnx_attention", prepare(program),
                                time.perf_counter() - start))
+    seconds["lowering"] = seconds.get("lowering", 0.0) + report.runs[-1].seconds
     input_names, output_names = _names(layers)
     log.info("llmcompile export: writing %s", path)
-    result = to_onnx(program, [*args[:2], *args[2]], path, provider=provider,
-                     input_names=input_names, output_names=output_names,
-                     dynamic_shapes=(*dynamic[:2], *dynamic[2]))
-    _rename_dims(path, layers)
+    with _timed(seconds, "writing"):
+        result = to_onnx(program, [*args[:2], *args[2]], path, provider=provider,
+                         input_names=input_names, output_names=output_names,
+                         dynamic_shapes=(*dynamic[:2], *dynamic[2]))
+        _rename_dims(path, layers)
     return program, report, result
 
 

@@ -200,10 +200,17 @@ def run(recipes: tuple[str, ...] = ("default", "int4"), prompt_len: int = 128,
     make("peer-fp32", root / "peer-fp32.onnx", lambda: _peer_export(model, root, threads))
     make("peer-int4", root / "peer-int4.onnx", lambda: _peer_int4(files["peer-fp32"], root,
                                                                   block))
+    stages: dict[str, dict[str, float]] = {}
+
+    def ours(name: str, recipe: str, path: Path) -> Path:
+        result = export(model, path, resolve_recipe(recipe), tokenizer=tokenizer)
+        stages[name] = result.seconds
+        return result.path
+
     for recipe in recipes:
         path = root / f"llmcompile-{recipe}" / "model.onnx"
-        make(f"llmcompile-{recipe}", path, lambda r=recipe, p=path: export(
-            model, p, resolve_recipe(r), tokenizer=tokenizer).path)
+        make(f"llmcompile-{recipe}", path,
+             lambda r=recipe, p=path: ours(f"llmcompile-{r}", r, p))
     from .quality import DEFAULT_TEXT
 
     text = DEFAULT_TEXT.read_text()
@@ -224,7 +231,7 @@ def run(recipes: tuple[str, ...] = ("default", "int4"), prompt_len: int = 128,
         rows.append({"config": name, "file_mib": _size(files[name]) / 2**20,
                      "weights_read_mib": read / 2**20,
                      "mbu": read * tps / (bandwidth["read_GBps"] * 1e9),
-                     "build_s": build[name],
+                     "build_s": build[name], "build_stages_s": stages.get(name),
                      "prefill_ms": 1000 * statistics.median(r[0] for r in runs),
                      "decode_tok_s": statistics.median(r[1] for r in runs),
                      "tokens_match_eager": runs[0][2] == eager,
@@ -287,6 +294,14 @@ def format_table(result: dict[str, Any]) -> str:
         lines.append(f"| {r['config']} | {r['file_mib']:.1f} | {build} | "
                      f"{r['weights_read_mib']:.1f} | {r['prefill_ms']:.1f} | "
                      f"{r['decode_tok_s']:.1f} | {r['mbu']:.1%} | {ratio:.2f}x | {match} |")
+    staged = [r for r in result["rows"] if r.get("build_stages_s")]
+    if staged:
+        names = list(dict.fromkeys(k for r in staged for k in r["build_stages_s"]))
+        lines += ["", "build time by stage, seconds (calibration apart):", "",
+                  "| config | " + " | ".join(names) + " |",
+                  "|---|" + "---|" * len(names)]
+        lines += [f"| {r['config']} | " + " | ".join(
+            f"{r['build_stages_s'].get(k, 0.0):.1f}" for k in names) + " |" for r in staged]
     return "\n".join(lines)
 
 

@@ -185,3 +185,28 @@ def test_bench_counts_weights_read_per_token(exported_llama):
     read = _bytes_per_token(result.path)
     embedding = 256 * 64 * 4  # only gathered from: not read whole per token
     assert 0 < read <= result.size_bytes - embedding
+
+
+class ByteTokenizer:
+    """Bytes as token ids (the tiny models' vocabulary is 256): enough to calibrate on."""
+
+    def __call__(self, text, return_tensors=None):
+        return type("Encoded", (), {"input_ids": torch.tensor([list(text.encode())[:4096]])})()
+
+    def save_pretrained(self, folder):
+        pass
+
+
+def test_export_reports_its_stages_with_calibration_apart(tmp_path):
+    import llmcompile
+
+    recipe = llmcompile.load_recipe({"name": "awq4", "passes": [
+        {"name": "quantize_weights", "bits": 4, "group_size": 32, "method": "awq",
+         "calibration": {"samples": 2, "seq_len": 256}}]})
+    result = export(tiny_model("llama"), tmp_path / "m.onnx", recipe, tokenizer=ByteTokenizer())
+    stages = result.seconds
+    assert {"capture", "recipe", "calibration", "lowering", "writing", "checking",
+            "files"} <= set(stages), stages
+    assert all(v >= 0 for v in stages.values()) and stages["calibration"] > 0
+    rtn = export(tiny_model("llama"), tmp_path / "r.onnx", "int4-rtn")
+    assert "calibration" not in rtn.seconds and rtn.seconds["writing"] > 0
