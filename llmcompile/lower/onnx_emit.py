@@ -147,7 +147,8 @@ def _promote_types(graph: fx.Graph) -> int:
     for node in list(graph.nodes):
         target = node.target
         pointwise = target in _ACCUMULATING or (
-            isinstance(target, torch._ops.OpOverload) and torch.Tag.pointwise in target.tags)
+            isinstance(target, torch._ops.OpOverload) and torch.Tag.pointwise in target.tags
+            and target is not torch.ops.prims.convert_element_type.default)  # a cast itself
         if node.op != "call_function" or not (pointwise or target is torch.ops.aten.cat.default):
             continue
         out = node.meta.get("val")
@@ -162,10 +163,13 @@ def _promote_types(graph: fx.Graph) -> int:
         operands = [(i, a) for i, a in _tensor_args(node)
                     if not (target in _MASKED and a.meta["val"].dtype == torch.bool)]
         if out.dtype == torch.bool:  # a comparison: operands meet in their common type
-            if len(operands) < 2:
+            if not operands:
                 continue
             vals = [a.meta["val"] for _, a in operands]
             dtype = torch.result_type(*vals[:2]) if len(vals) == 2 else vals[0].dtype
+            for scalar in node.args:  # an int tensor against 0.5 compares as float
+                if isinstance(scalar, float) and not dtype.is_floating_point:
+                    dtype = torch.get_default_dtype()
         else:
             dtype = out.dtype
         args = list(node.args)

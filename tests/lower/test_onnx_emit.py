@@ -79,9 +79,10 @@ def test_direct_and_traced_files_are_the_same_model(arch, recipe, tmp_path, monk
 
 
 def promoted(x):
-    """int64 * 0.5 and int64 + float32: ATen promotes, ONNX ops need one operand type."""
+    """int64 * 0.5, int64 + float32, int64 >= 2.5, sum of a bool: ATen promotes, ONNX ops need
+    one operand type."""
     steps = torch.arange(x.shape[-1])
-    return x * (steps * 0.5) + steps, (x > steps).sum(-1)
+    return x * (steps * 0.5) + steps, (x > steps).sum(-1), (steps >= 2.5).sum(-1)
 
 
 def test_implicit_type_promotion_is_made_explicit():
