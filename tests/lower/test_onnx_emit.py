@@ -119,3 +119,21 @@ def test_a_tensor_registered_twice_is_one_initializer(tmp_path, monkeypatch):
     assert model.get_input_embeddings().weight is model.lm_head.weight
     names = {i.name for i in graph.initializer}
     assert len(names & {"transformer.wte.weight", "lm_head.weight"}) == 1, names
+
+
+def test_a_torch_without_the_translator_api_takes_the_traced_way(monkeypatch, caplog):
+    from llmcompile import _compat
+    from llmcompile.lower import onnx_emit
+
+    def moved(*args, **kwargs):
+        raise ImportError("cannot import name '_registration'")
+
+    monkeypatch.setattr(onnx_emit, "_REGISTRIES", {})
+    monkeypatch.setattr(_compat, "onnx_registry", moved)
+    x = torch.randn(3, 8)
+    with caplog.at_level(logging.INFO, logger="llmcompile"):
+        got = torch.compile(promoted, backend="llmcompile", options=ORT)(x)
+    for g, e in zip(got, promoted(x)):
+        torch.testing.assert_close(g, e)
+    assert [s.model.way for s in lower._SESSIONS.values()] == ["traced"]
+    assert any("translation registry" in r.getMessage() for r in caplog.records)
