@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from llmcompile import ops, quant
+from llmcompile.core.program import tensor_key
 from llmcompile.core.recipe import PassConfig, RecipeError
 from llmcompile.core.rewrite import apply_rules
 from llmcompile.core.rules import Match, Reject, Rule, RuleSet
@@ -190,17 +191,13 @@ class QuantizeConfig(PassConfig):
     def _tied_rules(self, program, keep, keys: dict[str, tuple], activations: dict) -> list:
         """Embeddings whose table is a selected linear layer's weight (tied): read from the
         same ``MatMulNBits`` tensors through ``gather_nbits``."""
-        def same(a: torch.Tensor, b: torch.Tensor) -> bool:
-            return (a.data_ptr() == b.data_ptr() and a.shape == b.shape
-                    and a.stride() == b.stride() and a.dtype == b.dtype)
-
         weights = {n.name: program.weight(n.args[1]) for n in keep}  # before they are rewritten
 
         def check(m: Match) -> Reject | dict:
             if not m.program.is_weight(m["w"]):
                 return Reject("the table is not a model weight")
             table = m.weight("w")
-            tied = next((n for n, w in weights.items() if same(w, table)), None)
+            tied = next((n for n, w in weights.items() if tensor_key(w) == tensor_key(table)), None)
             if tied is None:
                 return Reject("not tied to a linear layer this pass quantizes (an untied "
                               "table is only gathered from: it stays in float)")

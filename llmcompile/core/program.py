@@ -23,8 +23,25 @@ import torch.fx as fx
 from .. import _compat
 from .canonicalize import VIEW_OPS
 
-__all__ = ["CompiledGraph", "Collector", "Program", "capture_dynamo", "capture_export",
-           "capture_function", "collect_compiled", "publish_compiled", "source_name"]
+__all__ = ["CompiledGraph", "Collector", "Program", "add_seconds", "capture_dynamo",
+           "capture_export", "capture_function", "collect_compiled", "publish_compiled",
+           "source_name", "tensor_key"]
+
+
+@contextlib.contextmanager
+def add_seconds(seconds: dict[str, float], stage: str):
+    """Add the wall time of the block to ``seconds[stage]``."""
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        seconds[stage] = seconds.get(stage, 0.0) + time.perf_counter() - start
+
+
+def tensor_key(t: torch.Tensor) -> tuple:
+    """Equal for two tensors that are one tensor: the same memory, shape, strides and dtype
+    (a tied embedding and LM head registered as two weights)."""
+    return (t.data_ptr(), tuple(t.shape), tuple(t.stride()), t.dtype)
 
 
 @dataclass
@@ -99,14 +116,9 @@ class Program:
     #: wall seconds of stages that passes time themselves (``calibration``), summed
     seconds: dict[str, float] = field(default_factory=dict, repr=False)
 
-    @contextlib.contextmanager
     def timed(self, stage: str):
         """Add the wall time of the block to ``seconds[stage]``."""
-        start = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.seconds[stage] = self.seconds.get(stage, 0.0) + time.perf_counter() - start
+        return add_seconds(self.seconds, stage)
 
     @property
     def graph(self) -> fx.Graph:

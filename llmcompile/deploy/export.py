@@ -38,7 +38,7 @@ import torch
 
 from .. import _compat
 from ..core.pipeline import PassRun, Report, run_pipeline
-from ..core.program import capture_export
+from ..core.program import add_seconds, capture_export
 from ..core.recipe import Recipe, RecipeError
 from ..lower.onnxruntime import OnnxLoweringError, model_dtype, prepare, to_onnx
 from ..ops.onnx import CPU
@@ -275,7 +275,7 @@ def export(model: torch.nn.Module, path: str | Path, recipe: Recipe, *, tokenize
     program, report, result = _export_graph(module, recipe, path, geometry, tokenizer,
                                             provider, seconds=seconds)
     if check:
-        with _timed(seconds, "checking"):
+        with add_seconds(seconds, "checking"):
             onnx.checker.check_model(str(path), full_check=True)
     extra: dict[str, Any] = {}
     notes = list(result.notes)
@@ -286,10 +286,10 @@ def export(model: torch.nn.Module, path: str | Path, recipe: Recipe, *, tokenize
         _, draft_report, draft_result = _export_graph(module, draft_recipe, draft, geometry,
                                                       tokenizer, provider, exit_layer,
                                                       seconds=seconds)
-        with _timed(seconds, "writing"):
+        with add_seconds(seconds, "writing"):
             shared, own = _share_external_data(draft, path)
         if check:
-            with _timed(seconds, "checking"):
+            with add_seconds(seconds, "checking"):
                 onnx.checker.check_model(str(draft), full_check=True)
         notes += [n for n in draft_result.notes if n not in notes]
         notes.append(f"draft {draft.name} (layers 0..{exit_layer - 1} + exit head): "
@@ -299,7 +299,7 @@ def export(model: torch.nn.Module, path: str | Path, recipe: Recipe, *, tokenize
                           "draft_tokens": exit_config.draft_tokens, "layers": exit_layer,
                           "inputs": inputs, "outputs": outputs,
                           "rules": draft_report.counts()}
-    with _timed(seconds, "files"):
+    with add_seconds(seconds, "files"):
         sidecar = write_sidecar(path, module, recipe=recipe.name, rules=report.counts(),
                                 weights_dtype=str(model_dtype(program)), **extra)
         write_genai_config(path, module, sidecar, provider)
@@ -309,14 +309,6 @@ def export(model: torch.nn.Module, path: str | Path, recipe: Recipe, *, tokenize
              ", ".join(f"{k} {v:.1f} s" for k, v in seconds.items()))
     return ExportResult(path, report, sidecar, notes, draft, draft_report, seconds)
 
-
-@contextlib.contextmanager
-def _timed(seconds: dict[str, float], stage: str):
-    start = time.perf_counter()
-    try:
-        yield
-    finally:
-        seconds[stage] = seconds.get(stage, 0.0) + time.perf_counter() - start
 
 
 def _export_graph(module, recipe: Recipe, path: Path, geometry: dict, tokenizer: Any,
@@ -329,14 +321,14 @@ def _export_graph(module, recipe: Recipe, path: Path, geometry: dict, tokenizer:
     dtype, device = _dtype_device(module)
     log.info("llmcompile export: capturing %s (%d layers) with torch.export",
              type(module).__name__, geometry["layers"])
-    with _timed(seconds, "capture"):
+    with add_seconds(seconds, "capture"):
         program, args, dynamic = capture_program(module, geometry, cache_layers)
     program.context.update(target="onnxruntime", tokenizer=tokenizer,
                            max_positions=context_length(module.config))
     program.example_inputs = _calibration_inputs(program, {**geometry, "layers": layers},
                                                  dtype, device)
     log.info("llmcompile export: running recipe %r", recipe.name)
-    with _timed(seconds, "recipe"):
+    with add_seconds(seconds, "recipe"):
         report = run_pipeline(program, recipe)
     calibration = program.seconds.get("calibration", 0.0)
     if calibration:
@@ -354,7 +346,7 @@ def _export_graph(module, recipe: Recipe, path: Path, geometry: dict, tokenizer:
     seconds["lowering"] = seconds.get("lowering", 0.0) + report.runs[-1].seconds
     input_names, output_names = _names(layers)
     log.info("llmcompile export: writing %s", path)
-    with _timed(seconds, "writing"):
+    with add_seconds(seconds, "writing"):
         result = to_onnx(program, [*args[:2], *args[2]], path, provider=provider,
                          input_names=input_names, output_names=output_names,
                          dynamic_shapes=(*dynamic[:2], *dynamic[2]))

@@ -31,7 +31,7 @@ import torch
 import torch.fx as fx
 
 from .. import _compat
-from ..core.program import Program, mutated_inputs
+from ..core.program import Program, mutated_inputs, tensor_key
 
 __all__ = ["NotDirect", "emit", "registry"]
 
@@ -79,11 +79,7 @@ def _check(program: Program, reg: Any) -> None:
             raise NotDirect(f"%{node.name} ({node.target}) has no fake value")
         if node.target is operator.getitem or node.target in _ASSERTIONS:
             continue
-        if not isinstance(node.target, torch._ops.OpOverload):
-            if not _compat.onnx_translatable(reg, node.target):
-                raise NotDirect(f"%{node.name} calls {node.target}")
-            continue
-        if node.target._schema.is_mutable:
+        if isinstance(node.target, torch._ops.OpOverload) and node.target._schema.is_mutable:
             raise NotDirect(f"%{node.name} ({node.target}) writes in place")
         if not _compat.onnx_translatable(reg, node.target):
             raise NotDirect(f"%{node.name}: {node.target} has no ONNX translation (the traced "
@@ -95,10 +91,10 @@ def _constants_to_weights(program: Program) -> None:
     placeholders, one per tensor, so that they are written as initializers like weights."""
     graph = program.graph
     made: dict[str, fx.Node] = {}
+    first = next(n for n in graph.nodes if n.op != "placeholder")  # new placeholders go here
     for node in [n for n in graph.nodes if n.op == "get_attr"]:
         tensor = operator.attrgetter(node.target)(program.gm)
         if node.target not in made:
-            first = next(n for n in graph.nodes if n.op != "placeholder")
             with graph.inserting_before(first):
                 made[node.target] = graph.placeholder(node.target.replace(".", "_"))
             made[node.target].meta["val"] = node.meta["val"]
@@ -118,8 +114,7 @@ def _dedupe_weights(program: Program) -> None:
             program.graph.erase_node(node)
             del program.weights[node.name]
             continue
-        t = program.weights[node.name]
-        key = (t.data_ptr(), tuple(t.shape), tuple(t.stride()), t.dtype)
+        key = tensor_key(program.weights[node.name])
         if key in seen:
             node.replace_all_uses_with(seen[key])
             program.graph.erase_node(node)

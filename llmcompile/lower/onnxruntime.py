@@ -38,7 +38,7 @@ import torch
 import torch.fx as fx
 
 from .. import _compat
-from ..core.program import Program
+from ..core.program import Program, tensor_key
 from ..core.rewrite import Stats, apply_rules
 from ..ops.onnx import CPU, CUDA, translation_table
 from . import onnx_emit
@@ -104,7 +104,7 @@ def _weights_to_constants(program: Program) -> None:
     first = next(n for n in graph.nodes if n.op != "placeholder") if len(graph.nodes) else None
     for node in [n for n in graph.nodes if n.op == "placeholder" and n.name in program.weights]:
         tensor = program.weights[node.name]
-        key = (tensor.data_ptr(), tuple(tensor.shape), tensor.dtype, tuple(tensor.stride()))
+        key = tensor_key(tensor)
         name = by_tensor.get(key)
         if name is None:
             name = f"_llmc_w_{len(by_tensor)}_{node.name}"[:120]
