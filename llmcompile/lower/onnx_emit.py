@@ -91,7 +91,8 @@ def _constants_to_weights(program: Program) -> None:
     placeholders, one per tensor, so that they are written as initializers like weights."""
     graph = program.graph
     made: dict[str, fx.Node] = {}
-    first = next(n for n in graph.nodes if n.op != "placeholder")  # new placeholders go here
+    # new placeholders go before the first node that stays (get_attr nodes are erased below)
+    first = next(n for n in graph.nodes if n.op not in ("placeholder", "get_attr"))
     for node in [n for n in graph.nodes if n.op == "get_attr"]:
         tensor = operator.attrgetter(node.target)(program.gm)
         if node.target not in made:

@@ -137,3 +137,29 @@ def test_a_torch_without_the_translator_api_takes_the_traced_way(monkeypatch, ca
         torch.testing.assert_close(g, e)
     assert [s.model.way for s in lower._SESSIONS.values()] == ["traced"]
     assert any("translation registry" in r.getMessage() for r in caplog.records)
+
+
+def test_constants_read_first_become_weights_in_graph_order():
+    """The graph's first nodes are constants (a packed table gathered before anything else, as
+    in a quantized tied embedding): their placeholders still come before every use."""
+    from llmcompile.core.program import Program
+    from llmcompile.lower import onnx_emit
+
+    gm = torch.fx.GraphModule(torch.nn.Module(), torch.fx.Graph())
+    gm.register_buffer("table", torch.randn(8, 4))
+    gm.register_buffer("scales", torch.randn(8, 1))
+    graph = gm.graph
+    ids = graph.placeholder("ids")
+    table, scales = graph.get_attr("table"), graph.get_attr("scales")
+    rows = graph.call_function(torch.ops.aten.embedding.default, (table, ids))
+    graph.output(graph.call_function(torch.ops.aten.mul.Tensor, (rows, scales)))
+    for node, val in ((ids, torch.zeros(3, dtype=torch.long)), (table, gm.table),
+                      (scales, gm.scales)):
+        node.meta["val"] = val
+    program = Program(gm)
+    onnx_emit._constants_to_weights(program)
+    program.graph.lint()  # every argument defined before it is read
+    assert [n.op for n in program.graph.nodes] == ["placeholder"] * 3 + ["call_function"] * 2 + [
+        "output"]
+    assert sorted(program.sources.values()) == ["scales", "table"]
+    assert {id(t) for t in program.weights.values()} == {id(gm.table), id(gm.scales)}
