@@ -191,13 +191,16 @@ class QuantizeConfig(PassConfig):
     def _tied_rules(self, program, keep, keys: dict[str, tuple], activations: dict) -> list:
         """Embeddings whose table is a selected linear layer's weight (tied): read from the
         same ``MatMulNBits`` tensors through ``gather_nbits``."""
-        weights = {n.name: program.weight(n.args[1]) for n in keep}  # before they are rewritten
+        # the selected layers' weights, keyed before they are rewritten (first layer per tensor)
+        linear_of: dict[tuple, str] = {}
+        for n in keep:
+            linear_of.setdefault(tensor_key(program.weight(n.args[1])), n.name)
 
         def check(m: Match) -> Reject | dict:
             if not m.program.is_weight(m["w"]):
                 return Reject("the table is not a model weight")
             table = m.weight("w")
-            tied = next((n for n, w in weights.items() if tensor_key(w) == tensor_key(table)), None)
+            tied = linear_of.get(tensor_key(table))
             if tied is None:
                 return Reject("not tied to a linear layer this pass quantizes (an untied "
                               "table is only gathered from: it stays in float)")

@@ -310,7 +310,6 @@ def export(model: torch.nn.Module, path: str | Path, recipe: Recipe, *, tokenize
     return ExportResult(path, report, sidecar, notes, draft, draft_report, seconds)
 
 
-
 def _export_graph(module, recipe: Recipe, path: Path, geometry: dict, tokenizer: Any,
                   provider: str, cache_layers: int | None = None, *,
                   seconds: dict[str, float]):
