@@ -37,7 +37,10 @@ __all__ = [
     "real_tensors",
     "same_shape",
     "trace_aten",
+    "cache_counters",
     "cache_kwarg",
+    "hash_by_metadata",
+    "mark_cacheable",
     "causal_lm_model_types",
     "dynamo_counters",
     "recompile_limit",
@@ -85,6 +88,35 @@ def trace_aten(fn: Callable, args: Sequence[Any], fake_mode) -> fx.GraphModule:
 def compile_fx(gm: fx.GraphModule, example_inputs: Sequence[Any], config_patches=None):
     """Inductor's entry point that accepts a pre-dispatch graph (it runs AOTAutograd)."""
     return _compile_fx(gm, list(example_inputs), config_patches=config_patches or {})
+
+
+def mark_cacheable(functions: Sequence[Callable], version: str) -> None:
+    """Let AOTAutograd's cache keep graphs that call these plain Python functions (our
+    lowerings' wrappers around registered ops): it refuses unknown ``call_function`` targets.
+    ``version`` (a hash of their sources) joins the cache key, so an edit recompiles."""
+    table = torch._inductor.config.unsafe_marked_cacheable_functions
+    for fn in functions:
+        table[f"{fn.__module__}.{fn.__name__}"] = version
+
+
+def hash_by_metadata(tensor: torch.Tensor) -> None:
+    """Let torch's compile caches key a graph constant (a folded or packed weight, read through
+    ``get_attr``) by its shape and dtype, not its values: otherwise every constant is turned
+    into a Python list to hash it (seconds and GBs for a real model) on each compile, warm or
+    cold. Safe here: AOTAutograd lifts the graph module's buffers to inputs, so the compiled
+    code reads the values at call time (torch marks frozen parameters the same way)."""
+    tensor._is_frozen_param = True  # type: ignore[attr-defined]
+
+
+def cache_counters() -> dict[str, int]:
+    """Hits, misses and bypasses of Inductor's FX graph cache and AOTAutograd's cache so far
+    in this process."""
+    from torch._dynamo.utils import counters
+
+    keys = {"fxgraph_cache_hit": "inductor", "fxgraph_cache_miss": "inductor",
+            "fxgraph_cache_bypass": "inductor", "autograd_cache_hit": "aot_autograd",
+            "autograd_cache_miss": "aot_autograd", "autograd_cache_bypass": "aot_autograd"}
+    return {k: int(counters[group].get(k, 0)) for k, group in keys.items()}
 
 
 def mode_options(mode: str | None) -> dict[str, Any]:

@@ -148,7 +148,10 @@ class Program:
             name = f"_llmc_{hint}_{next(self._const_ids)}"
             while hasattr(self.gm, name):
                 name = f"_llmc_{hint}_{next(self._const_ids)}"
-            self.gm.register_buffer(name, tensor, persistent=False)
+            # persistent: a set of non-persistent names pickles in a random order, which
+            # changes torch's compile-cache keys from one process to the next
+            self.gm.register_buffer(name, tensor)
+            _compat.hash_by_metadata(tensor)
         node = self.graph.get_attr(name)
         node.meta["val"] = _fake_constant(self.fake_mode, tensor)
         return node

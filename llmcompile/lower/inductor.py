@@ -8,9 +8,11 @@ pass another library already installed (never replacing it).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import inspect
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import torch.fx as fx
@@ -20,6 +22,8 @@ from ..core.canonicalize import canonicalize
 from ..core.program import Program
 from ..core.rewrite import Stats, apply_rules
 from ..core.rules import RuleSet
+from ..ops import kernels
+from . import decode_attention, flex, gemv
 from .decode_attention import lower_decode_attention
 from .flex import lower_sparse_attention
 from .gemv import lower_cpu_gemv
@@ -77,6 +81,25 @@ def _patches(mode: str | None, post_grad: RuleSet | None, fingerprint: str,
     return patches
 
 
+@functools.cache
+def _lowering_version() -> str:
+    """A hash of the lowering modules and the kernels' sources (the cache keys' part for the
+    Python wrappers our lowerings put in graphs)."""
+    files = [inspect.getsourcefile(m) for m in (decode_attention, flex, gemv)]
+    csrc = Path(inspect.getsourcefile(kernels)).with_name("csrc")
+    sources = sorted(str(p) for p in csrc.iterdir() if p.is_file())
+    return _compat.get_hash_for_files((*files, *sources)).hex()
+
+
+def _mark_lowerings_cacheable() -> None:
+    """The wrappers our lowerings call (``gemv_int4``, ``decode_attention``...) are plain
+    Python functions around registered ops; AOTAutograd's cache refuses such graphs unless
+    they are marked, and then a warm process would recompile every decode step."""
+    _compat.mark_cacheable([gemv.gemv_f32, gemv.gemv_int8, gemv.gemv_int4,
+                            decode_attention.decode_attention, flex.sparse_attention,
+                            flex.window_block_mask, flex.from_blocks], _lowering_version())
+
+
 def compile_inductor(program: Program, example_inputs: Sequence[Any], *, mode: str | None = None,
                      post_grad: RuleSet | None = None, fingerprint: str = "",
                      cpp_wrapper: bool = False):
@@ -90,6 +113,7 @@ def compile_inductor(program: Program, example_inputs: Sequence[Any], *, mode: s
     if (lower_sparse_attention(program) + lower_decode_attention(program)
             + lower_cpu_gemv(program)):
         program.recompile()
+        _mark_lowerings_cacheable()
     return _compat.compile_fx(program.gm, example_inputs,
                               _patches(mode, post_grad, fingerprint, cpp_wrapper))
 
