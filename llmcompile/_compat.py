@@ -40,6 +40,7 @@ __all__ = [
     "cache_counters",
     "cache_kwarg",
     "hash_by_metadata",
+    "mark_dynamic_length",
     "mark_cacheable",
     "causal_lm_model_types",
     "dynamo_counters",
@@ -97,6 +98,12 @@ def mark_cacheable(functions: Sequence[Callable], version: str) -> None:
     table = torch._inductor.config.unsafe_marked_cacheable_functions
     for fn in functions:
         table[f"{fn.__module__}.{fn.__name__}"] = version
+
+
+def mark_dynamic_length(tensor: torch.Tensor, dim: int) -> None:
+    """Compile the next graph for any size >= 2 of ``tensor``'s ``dim`` (a prompt length) at
+    once, rather than for the first size and again, dynamic, on the next one."""
+    torch._dynamo.mark_dynamic(tensor, dim)
 
 
 def hash_by_metadata(tensor: torch.Tensor) -> None:

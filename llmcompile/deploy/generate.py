@@ -3,7 +3,7 @@
     ids = llmcompile.generate(model, input_ids, recipe="early-exit", max_new_tokens=64)
 
 The graphs of one model under one recipe are compiled once and kept (:func:`session`):
-prefill (automatic dynamic shapes), the full one-token step, the verification step of
+prefill (every prompt length >= 2 in one graph), the full one-token step, the verification step of
 ``draft_tokens + 1`` tokens and the draft / exit graphs (static shapes), all over one static
 KV cache. Per token the loop does the compiled step and an argmax, nothing else.
 
@@ -273,12 +273,26 @@ class Session:
         self._length = 0
         return self.cache
 
-    def _run(self, fn, ids: torch.Tensor, start: int, keep: int = 1) -> torch.Tensor:
+    def prefill_logits(self, ids: torch.Tensor) -> torch.Tensor:
+        """Last-position logits [vocab] of a prompt ``ids`` [1, n] written at positions 0..n-1.
+
+        The prefill graph is compiled for every length >= 2 at once (its length marked
+        dynamic before the first call), so no later prompt length compiles anything; a
+        1-token prompt is a decode step at position 0 (the static step graph)."""
+        if ids.shape[1] == 1:
+            return self.decode_step(int(ids[0, 0]), 0)
+        return self._run(self.prefill, ids, 0, dynamic=True)[-1]
+
+    def _run(self, fn, ids: torch.Tensor, start: int, keep: int = 1,
+             dynamic: bool = False) -> torch.Tensor:
         """Logits of ``ids`` [1, n] placed at positions ``start..start+n-1``."""
         _compat.set_cache_length(self.cache, start)
         self._length = None
         extra = {"logits_to_keep": keep} if self._keep else {}
         positions = torch.arange(start, start + ids.shape[1])
+        if dynamic:
+            _compat.mark_dynamic_length(ids, 1)
+            _compat.mark_dynamic_length(positions, 0)
         out = fn(input_ids=ids, cache_position=positions, use_cache=True,
                  **{self.cache_kw: self.cache}, **extra)
         return out.logits[0]
@@ -334,7 +348,7 @@ class Session:
         mode = "greedy" if self.exit is None else self.exit.mode
         stats = GenerationStats(mode=mode, prompt_tokens=prompt, num_layers=self.num_layers)
         start = time.perf_counter()
-        first = int(self._run(self.prefill, ids, 0)[-1].argmax())
+        first = int(self.prefill_logits(ids).argmax())
         stats.prefill_s = time.perf_counter() - start
         loop = {"greedy": self._greedy, "speculative": self._speculative,
                 "confident": self._confident}[mode]
@@ -353,7 +367,7 @@ class Session:
         if not 0 < prefix < ids.numel():
             raise ValueError(f"prefix must be in [1, {ids.numel() - 1}], got {prefix}")
         self._cache_for(ids.numel() + 1)
-        rows = [self._run(self.prefill, ids[None, :prefix], 0)[-1]]
+        rows = [self.prefill_logits(ids[None, :prefix])]
         for pos in range(prefix, ids.numel() - 1):
             rows.append(self.decode_step(int(ids[pos]), pos))
         return torch.stack(rows).float()
