@@ -57,6 +57,9 @@ def compile(model: Any, recipe: Any = None, *, target: str | None = None,
     from .backend import parse_options
 
     parse_options(options)
+    from .quant.calibrate import register_model
+
+    register_model(model)  # calibrated passes run it on their own text
     return torch.compile(model, backend="llmcompile", options=options, **torch_compile_kwargs)
 
 

@@ -39,6 +39,7 @@ __all__ = [
     "trace_aten",
     "cache_counters",
     "cache_kwarg",
+    "dynamo_frame_objects",
     "hash_by_metadata",
     "mark_dynamic_length",
     "mark_cacheable",
@@ -98,6 +99,26 @@ def mark_cacheable(functions: Sequence[Callable], version: str) -> None:
     table = torch._inductor.config.unsafe_marked_cacheable_functions
     for fn in functions:
         table[f"{fn.__module__}.{fn.__name__}"] = version
+
+
+def dynamo_frame_objects(roots: Sequence[str]) -> list[Any]:
+    """The objects Dynamo's root expressions (``L['self']``, ``L['args'][0]``, ``G['model']``)
+    name in the frame being compiled, while a backend runs inside Dynamo; [] elsewhere."""
+    try:
+        from torch._dynamo.symbolic_convert import InstructionTranslator
+
+        tx = InstructionTranslator.current_tx()
+        scope = {"L": tx.f_locals, "G": tx.f_globals}
+    except Exception:  # not inside Dynamo, or its internals moved
+        return []
+    found = []
+    for root in roots:
+        if root.startswith(("L[", "G[")):
+            try:
+                found.append(eval(root, {"__builtins__": {}}, scope))  # Dynamo's own source text
+            except Exception:
+                continue
+    return found
 
 
 def mark_dynamic_length(tensor: torch.Tensor, dim: int) -> None:

@@ -23,10 +23,11 @@ For the ``onnxruntime`` target the weights are laid out for ONNX Runtime's ``Mat
 
 from __future__ import annotations
 
-import contextlib
 import fnmatch
+import functools
 import inspect
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import torch
@@ -38,11 +39,14 @@ from llmcompile.core.recipe import PassConfig, RecipeError
 from llmcompile.core.rewrite import apply_rules
 from llmcompile.core.rules import Match, Reject, Rule, RuleSet
 from llmcompile.ops import cpu
-from llmcompile.quant.calibrate import CalibrationError, calibration_tokens, collect_inputs
+from llmcompile.quant import calibrate, store
+from llmcompile.quant.calibrate import CalibrationError, calibration_tokens, collect_stats
 
 GROUP_SIZES = (32, 64, 128)
 CALIBRATION_KEYS = {"samples": 16, "seq_len": 256, "text": ""}
-_CACHE: dict[tuple, dict[str, Any]] = {}  # packed weights, shared by the graphs of one model
+#: solved layers by artifact key (:mod:`llmcompile.quant.store`): the graphs of one model
+#: (prefill, decode step...) share one copy in a process; files serve the next process
+_CACHE: dict[str, dict[str, Any]] = {}
 
 
 def linear(x, w):
@@ -143,28 +147,78 @@ class QuantizeConfig(PassConfig):
                                   f"divide the input width {k} of {paths[node.name]}; valid "
                                   f"for this model: {valid or 'none (skip this layer)'}")
         onnx = program.context.get("target") == "onnxruntime"
-        keys = {n.name: (*_key(program, n, self), onnx) for n in keep}  # one checksum a layer
-        activations = self._calibrate(program, keep, keys) if self.method != "rtn" else {}
-        rules = self._rules(keys, activations, onnx)
+        keys = self._keys(program, keep, paths, onnx)  # node name -> artifact key
+        todo = [n for n in keep if _known(keys[n.name]) is None]
+        if todo and self.method != "rtn":
+            self._calibrate_and_solve(program, todo, keys, paths, onnx)
+        rules = self._rules(keys, onnx)
         if onnx:
-            rules = RuleSet(rules.name, [*rules.rules, *self._tied_rules(program, keep, keys,
-                                                                         activations)])
+            rules = RuleSet(rules.name, [*rules.rules, *self._tied_rules(program, keep, keys)])
         apply_rules(program, rules, stats)
 
-    def _calibrate(self, program, nodes, keys: dict[str, tuple]) -> dict:
-        cal = {**CALIBRATION_KEYS, **self.calibration}
-        todo = [n for n in nodes if keys[n.name] not in _CACHE]
-        if not todo:
-            return {}
-        try:
-            tokens = calibration_tokens(program.context.get("tokenizer"), cal["text"],
-                                        cal["samples"] * cal["seq_len"])
-        except CalibrationError as e:
-            raise RecipeError(str(e)) from None
-        with program.timed("calibration"):
-            return collect_inputs(program, todo, tokens, seed=self.seed)
+    # --- what determines a layer's quantized tensors ---------------------------------------
 
-    def _rules(self, keys: dict[str, tuple], activations: dict, onnx: bool) -> RuleSet:
+    def _keys(self, program, nodes, paths: dict[str, str], onnx: bool) -> dict[str, str]:
+        """A layer's artifact key: its weight's bytes, this config, the code, torch and the
+        packing; for calibrated methods also the whole model and the calibration tokens."""
+        common = [self.bits, self.group_size, self.method, self.seed,
+                  sorted({**CALIBRATION_KEYS, **self.calibration}.items()), onnx,
+                  str(cpu.packed_activation_dtype()), cpu.capability(), torch.__version__,
+                  _code_version()]
+        if self.method != "rtn" and nodes:
+            model, tokens = self._calibration_inputs(program)
+            common += [_model_digest(model), store.digest(tokens)]
+        return {n.name: store.artifact_key([store.digest(program.weight(n.args[1])),
+                                            paths[n.name], *common]) for n in nodes}
+
+    def _calibration_inputs(self, program) -> tuple[torch.nn.Module, torch.Tensor]:
+        """(the model to run, the calibration token ids): fixed by the recipe and the model,
+        never by the call being compiled."""
+        if "calibration_inputs" not in program.context:
+            cal = {**CALIBRATION_KEYS, **self.calibration}
+            model = calibrate.model_for(program)
+            if model is None:
+                raise RecipeError(
+                    f"quantize_weights.method = {self.method!r} calibrates by running the model, "
+                    "and this graph's weights belong to no module llmcompile can find: compile "
+                    "through llmcompile.compile(model, ...) or llmcompile.generate, or "
+                    "torch.compile the model (or its forward) itself; or choose method='rtn'")
+            try:
+                tokens = calibration_tokens(program.context.get("tokenizer"), cal["text"],
+                                            cal["samples"] * cal["seq_len"])
+            except CalibrationError as e:
+                raise RecipeError(str(e)) from None
+            program.context["calibration_inputs"] = (model, tokens)
+        return program.context["calibration_inputs"]
+
+    def _calibrate_and_solve(self, program, nodes, keys: dict[str, str],
+                             paths: dict[str, str], onnx: bool) -> None:
+        """Run the model on the calibration windows a group of layers at a time; solve each
+        group's layers and drop its statistics before the next group."""
+        cal = {**CALIBRATION_KEYS, **self.calibration}
+        model, tokens = self._calibration_inputs(program)
+        by_path: dict[str, list] = {}
+        for n in nodes:
+            by_path.setdefault(_stats_module(model, paths[n.name]), []).append(n)
+        for path, found in by_path.items():
+            k = program.weight(found[0].args[1]).shape[1]
+            if path is None or model.get_submodule(path).weight.shape[1] != k:
+                raise RecipeError(f"quantize_weights: no module of the model reads the input "
+                                  f"of {paths[found[0].name]!r} (width {k}) to calibrate it")
+        groups = collect_stats(model, list(by_path), tokens, cal["seq_len"], seed=self.seed)
+        while True:
+            with program.timed("calibration"):
+                found = next(groups, None)
+            if found is None:
+                break
+            for path, act in found.items():
+                for n in by_path[path]:
+                    with program.timed("solve"):
+                        self._solved(keys[n.name], paths[n.name],
+                                     program.weight(n.args[1]), act, onnx)
+            del found
+
+    def _rules(self, keys: dict[str, str], onnx: bool) -> RuleSet:
         def check(m: Match) -> Reject | dict:
             if m.anchor.name not in keys:
                 return Reject("not selected (skipped, not a 2-d float weight, or no weight)")
@@ -174,9 +228,8 @@ class QuantizeConfig(PassConfig):
             if self.bits == 4 and m.shape("w")[0] % 16 and not onnx:
                 return Reject(f"output width {m.shape('w')[0]} is not a multiple of 16, which "
                               "the int4 CPU kernel needs")
-            key = keys[m.anchor.name]
-            return dict(self._solved(m.program, key, m.weight("w"),
-                                     activations.get(m.anchor.name), onnx))
+            return dict(self._solved(keys[m.anchor.name], m.program.module_path(m.anchor),
+                                     m.weight("w"), None, onnx))
 
         replacement = (nbits_replacement if onnx else int8_replacement if self.bits == 8
                        else int4_replacement)
@@ -188,7 +241,7 @@ class QuantizeConfig(PassConfig):
                  example={"x": (2, 8), "w": (4, 8), "b": (4,)}),
         ])
 
-    def _tied_rules(self, program, keep, keys: dict[str, tuple], activations: dict) -> list:
+    def _tied_rules(self, program, keep, keys: dict[str, str]) -> list:
         """Embeddings whose table is a selected linear layer's weight (tied): read from the
         same ``MatMulNBits`` tensors through ``gather_nbits``."""
         # the selected layers' weights, keyed before they are rewritten (first layer per tensor)
@@ -204,8 +257,7 @@ class QuantizeConfig(PassConfig):
             if tied is None:
                 return Reject("not tied to a linear layer this pass quantizes (an untied "
                               "table is only gathered from: it stays in float)")
-            key = keys[tied]
-            packed = dict(self._solved(m.program, key, table, activations.get(tied), True))
+            packed = dict(self._solved(keys[tied], tied, table, None, True))
             if packed["qweight"].shape[1] * packed["block_size"] != packed["k"]:
                 return Reject(f"width {packed['k']} is not a whole number of "
                               f"{packed['block_size']}-wide blocks")
@@ -218,15 +270,18 @@ class QuantizeConfig(PassConfig):
                 Rule(f"{name}_padded", embedding_padded, gather_replacement, check=check,
                      example=example)]
 
-    def _solved(self, program, key: tuple, w: torch.Tensor, act, onnx: bool) -> dict[str, Any]:
-        """The layer's quantized tensors, solved once per checksum; a calibrated method's
-        search is timed as calibration (``program.seconds``)."""
-        if key not in _CACHE:
-            timed = (program.timed("calibration") if self.method != "rtn"
-                     else contextlib.nullcontext())
-            with timed:
-                _CACHE[key] = self._quantize(w, act, onnx)
-        return _CACHE[key]
+    def _solved(self, key: str, layer: str, w: torch.Tensor, act, onnx: bool
+                ) -> dict[str, Any]:
+        """The layer's quantized tensors: from this process, from the artifact store, or
+        solved now (and stored). A calibrated layer is solved with its statistics ``act``."""
+        found = _known(key)
+        if found is None:
+            if act is None and self.method != "rtn":
+                raise RuntimeError(f"{layer}: calibrated layer reached unsolved")  # a bug
+            found = self._quantize(w, act, onnx)
+            store.save(key, found, {"layer": layer, "config": _describe(self)})
+            _CACHE[key] = found
+        return found
 
     def _quantize(self, w: torch.Tensor, act, onnx: bool) -> dict[str, Any]:
         if w.device.type != "cpu" and not onnx:
@@ -284,8 +339,43 @@ def _eligible(program) -> list:
     return out
 
 
-def _key(program, node, config) -> tuple:
-    w = program.weight(node.args[1])
-    return (program.module_path(node), tuple(w.shape), config.bits, config.group_size,
-            config.method, repr(config.calibration), float(w.double().sum()),
-            cpu.packed_activation_dtype())  # packed scales are stored in the kernel's dtype
+def _known(key: str) -> dict[str, Any] | None:
+    """A solved layer already in this process or in the artifact store."""
+    if key not in _CACHE:
+        found = store.load(key)
+        if found is None:
+            return None
+        _CACHE[key] = found
+    return _CACHE[key]
+
+
+def _describe(config: QuantizeConfig) -> str:
+    return f"int{config.bits} g{config.group_size} {config.method}"
+
+
+@functools.cache
+def _code_version() -> str:
+    """A hash of the code that computes and packs the artifacts."""
+    files = [__file__, inspect.getsourcefile(quant.formats), inspect.getsourcefile(calibrate)]
+    return store.artifact_key(Path(f).read_text() for f in files)
+
+
+def _model_digest(model: torch.nn.Module) -> str:
+    """What every calibrated layer depends on: all the model's weights (activations flow
+    through them)."""
+    return store.artifact_key(f"{name}:{store.digest(t)}"
+                              for name, t in model.state_dict(keep_vars=True).items())
+
+
+def _stats_module(model: torch.nn.Module, path: str) -> str | None:
+    """The module whose input the layer at ``path`` reads: ``path`` itself, or for a fused
+    projection (traced inside one of its parts) the first 2-d-weight module at or under it."""
+    try:
+        module = model.get_submodule(path)
+    except AttributeError:
+        return None
+    for name, sub in module.named_modules(prefix=path):
+        weight = getattr(sub, "weight", None)
+        if isinstance(weight, torch.Tensor) and weight.dim() == 2:
+            return name
+    return None

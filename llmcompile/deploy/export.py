@@ -322,7 +322,7 @@ def _export_graph(module, recipe: Recipe, path: Path, geometry: dict, tokenizer:
              type(module).__name__, geometry["layers"])
     with add_seconds(seconds, "capture"):
         program, args, dynamic = capture_program(module, geometry, cache_layers)
-    program.context.update(target="onnxruntime", tokenizer=tokenizer,
+    program.context.update(target="onnxruntime", tokenizer=tokenizer, model=module,
                            max_positions=context_length(module.config))
     program.example_inputs = _calibration_inputs(program, {**geometry, "layers": layers},
                                                  dtype, device)

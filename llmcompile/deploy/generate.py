@@ -34,6 +34,7 @@ import torch
 from .. import _compat
 from ..core.program import collect_compiled
 from ..core.recipe import Recipe, RecipeError
+from ..quant.calibrate import register_model
 from . import direct as _direct
 
 log = logging.getLogger("llmcompile")
@@ -212,6 +213,7 @@ class Session:
     def __init__(self, model: torch.nn.Module, recipe: Recipe, tokenizer: Any = None,
                  adapters: dict[int, str] | None = None, cpp_wrapper: bool | None = None):
         self.model = model
+        register_model(model)  # calibration runs it (prompt-independent windows)
         self.recipe = recipe
         self.num_layers = _num_layers(model)
         self.exit = early_exit_config(recipe)

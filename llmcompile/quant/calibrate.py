@@ -1,39 +1,55 @@
-"""Calibration: activation statistics of chosen nodes, from the captured graph itself.
+"""Calibration: activation statistics of chosen linear layers, from the model on fixed windows.
 
-The graph is run (eagerly, on the real weights) on windows of calibration text that replace its
-token-id input; every other input is taken from the call being compiled, and inputs the graph
-writes in place (KV caches) are cloned first, so calibrating never touches the user's state.
-Windows have the length of the call being compiled, so every symbolic size stays consistent.
+The model's own eager forward runs on ``samples`` windows of ``seq_len`` tokens of calibration
+text (``[1, seq_len]`` each, no KV cache), whatever the call being compiled looks like: a
+1-token prompt, a decode step and a 4k prefill all quantize the same weights the same way, and
+two processes give byte-identical results. Forward pre-hooks on the layers' modules reduce
+their inputs as they come (:class:`_Running`: ``Σ|x|``, ``XᵀX``, a bounded sample of rows), so
+nothing of the activations outlives its window; layers are calibrated in groups whose ``XᵀX``
+fit :data:`BUDGET_BYTES`, each group's statistics handed to the caller (who solves and drops
+them) before the next group starts. A forward stops early once every layer of the group has
+seen its window.
+
+The model is found from the program (:func:`model_for`): one registered by llmcompile's own
+entry points (:func:`register_model`), or the module Dynamo is compiling.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib.resources
-from collections.abc import Sequence
+import logging
+import os
+import weakref
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.fx as fx
 from tqdm import tqdm
 
-from ..core.program import Program, mutated_inputs
+from .. import _compat
+from ..core.program import tensor_key
 
-__all__ = ["ActivationStats", "CalibrationError", "calibration_tokens", "collect_inputs",
-           "default_text"]
+__all__ = ["ActivationStats", "CalibrationError", "calibration_tokens", "collect_stats",
+           "default_text", "load_tokenizer", "model_for", "register_model"]
 
-MIN_WINDOW = 16
+log = logging.getLogger("llmcompile")
+
+#: ``XᵀX`` bytes held at once (``LLMCOMPILE_CALIBRATION_MB``): more layers than fit are
+#: calibrated in several passes over the text (each stops at its last layer)
+BUDGET_BYTES = int(os.environ.get("LLMCOMPILE_CALIBRATION_MB", "1024")) * 2**20
 
 
 class CalibrationError(ValueError):
-    """Calibration cannot run: no tokenizer, too little text, or no token input in the graph."""
+    """Calibration cannot run: no tokenizer, too little text, or no model to run."""
 
 
 @dataclass
 class ActivationStats:
     absmean: torch.Tensor  # [K] mean |x| per input channel over all calibration tokens
-    sample: torch.Tensor  # [R, K] a subsample of input rows
+    sample: torch.Tensor  # [R, K] a subsample of input rows (R bounded)
     xtx: torch.Tensor  # [K, K] sum of x^T x over all calibration tokens (GPTQ's Hessian)
 
 
@@ -74,68 +90,151 @@ def calibration_tokens(tokenizer: Any, text: str | Path | None, n_tokens: int) -
     return ids[:n_tokens]
 
 
-def _token_input(program: Program) -> fx.Node:
-    for node in program.graph.nodes:
-        if node.op != "placeholder" or node.name in program.weights:
+# --- which model ---------------------------------------------------------------------------
+
+_registered: weakref.WeakSet = weakref.WeakSet()
+
+
+def register_model(model: Any) -> None:
+    """Make ``model`` (a module or its bound forward) findable by calibration from the graphs
+    compiled of it (llmcompile's entry points call this; ``torch.compile`` needs nothing)."""
+    owner = getattr(model, "__self__", model)
+    if isinstance(owner, torch.nn.Module):
+        _registered.add(owner)
+
+
+def _owns(module: Any, program) -> bool:
+    """True when every weight of the program with a source is ``module``'s parameter or buffer
+    at that path (the same memory)."""
+    if not isinstance(module, torch.nn.Module):
+        return False
+    tensors = dict(module.named_parameters(remove_duplicate=False))
+    tensors.update(module.named_buffers(remove_duplicate=False))
+    checked = 0
+    for name, path in program.sources.items():
+        weight, own = program.weights.get(name), tensors.get(path)
+        if weight is None:
             continue
-        for user in node.users:
-            if user.target is torch.ops.aten.embedding.default and user.args[1] is node:
-                return node
-    raise CalibrationError("no token-id input feeding an embedding was found in this graph; "
-                           "calibration needs a language-model forward")
+        if own is None or tensor_key(own) != tensor_key(weight):
+            return False
+        checked += 1
+    return checked > 0
 
 
-class _Recorder(fx.Interpreter):
-    def __init__(self, gm: fx.GraphModule, watch: set[fx.Node], rows: int, seed: int):
-        super().__init__(gm)
-        self.watch, self.rows = {n.name for n in watch}, rows
-        self.sums: dict[str, torch.Tensor] = {}
-        self.counts: dict[str, int] = {}
-        self.samples: dict[str, list[torch.Tensor]] = {}
-        self.xtx: dict[str, torch.Tensor] = {}
-        self.generator = torch.Generator().manual_seed(seed)
-
-    def run_node(self, n: fx.Node) -> Any:
-        if n.name in self.watch:
-            x = self.env[n.args[0]].detach().float()
-            x = x.reshape(-1, x.shape[-1])
-            self.sums[n.name] = self.sums.get(n.name, 0) + x.abs().sum(0)
-            self.counts[n.name] = self.counts.get(n.name, 0) + x.shape[0]
-            self.xtx[n.name] = self.xtx.get(n.name, 0) + x.T @ x
-            take = torch.randperm(x.shape[0], generator=self.generator)[: max(1, self.rows // 8)]
-            self.samples.setdefault(n.name, []).append(x[take])
-        return super().run_node(n)
+def model_for(program) -> torch.nn.Module | None:
+    """The module whose weights the program's are: the context's ``model``, one registered,
+    or the object Dynamo reached the weights through."""
+    candidates = [program.context.get("model"), *list(_registered),
+                  *_compat.dynamo_frame_objects(program.roots)]
+    for candidate in candidates:
+        candidate = getattr(candidate, "__self__", candidate)  # a bound forward
+        if candidate is not None and _owns(candidate, program):
+            return candidate
+    return None
 
 
-def collect_inputs(program: Program, nodes: Sequence[fx.Node], tokens: torch.Tensor, *,
-                   rows: int = 512, seed: int = 0, progress: bool = True
-                   ) -> dict[str, ActivationStats]:
-    """Statistics of the first argument of each node in ``nodes`` (keyed by node name)."""
-    token_node = _token_input(program)
-    placeholders = [n for n in program.graph.nodes if n.op == "placeholder"]
-    example = program.example_inputs
-    if example is None or len(example) != len(placeholders):
-        raise CalibrationError("this graph has no example inputs to calibrate with")
-    index = placeholders.index(token_node)
-    shape = tuple(example[index].shape)  # [B, L]
-    window = int(torch.tensor(shape).prod())
-    if shape[-1] < MIN_WINDOW:
-        raise CalibrationError(f"the first compiled call has {shape[-1]} tokens; calibration "
-                               f"needs a prefill of at least {MIN_WINDOW} (compile a prefill "
-                               "first, later graphs reuse its statistics)")
-    mutated = {placeholders.index(n) for n in mutated_inputs(program.graph)}
-    recorder = _Recorder(program.gm, set(nodes), rows, seed)
-    windows = list(tokens[: tokens.numel() // window * window].view(-1, *shape))
-    if not windows:
-        raise CalibrationError(f"calibration text shorter than one window of {window} tokens")
-    with torch.no_grad():
-        for ids in tqdm(windows, desc="llmcompile: calibrating", disable=not progress):
-            args = [ids.to(example[i].device) if i == index else
-                    (example[i].clone() if i in mutated else example[i])
-                    for i in range(len(example))]
-            recorder.run(*args)
-    stats = {}
-    for name, total in recorder.sums.items():
-        sample = torch.cat(recorder.samples[name])[:rows]
-        stats[name] = ActivationStats(total / recorder.counts[name], sample, recorder.xtx[name])
-    return stats
+# --- statistics ----------------------------------------------------------------------------
+
+class _Running:
+    """Statistics of one layer's input, reduced as windows come."""
+
+    def __init__(self, k: int, rows_per_window: int):
+        self.abs_sum = torch.zeros(k)
+        self.xtx = torch.zeros(k, k)
+        self.count = 0
+        self.rows: list[torch.Tensor] = []
+        self.rows_per_window = rows_per_window
+
+    def add(self, x: torch.Tensor, generator: torch.Generator) -> None:
+        x = x.detach().float().reshape(-1, x.shape[-1])  # [T, K]
+        self.abs_sum += x.abs().sum(0)
+        self.xtx.addmm_(x.T, x)
+        self.count += x.shape[0]
+        take = torch.randperm(x.shape[0], generator=generator)[: self.rows_per_window]
+        self.rows.append(x[take].clone())  # a copy: no view keeps the window alive
+
+    def result(self) -> ActivationStats:
+        return ActivationStats(self.abs_sum / max(1, self.count), torch.cat(self.rows),
+                               self.xtx)
+
+
+class _GroupDone(Exception):
+    """Every layer of the group has seen this window: the rest of the forward is not needed."""
+
+
+def _groups(model: torch.nn.Module, paths: Sequence[str]) -> list[list[str]]:
+    """``paths`` in the model's module order, cut where their ``XᵀX`` exceed the budget."""
+    order = {name: i for i, (name, _) in enumerate(model.named_modules())}
+    groups: list[list[str]] = [[]]
+    used = 0
+    for path in sorted(paths, key=lambda p: order[p]):
+        k = model.get_submodule(path).weight.shape[1]
+        if groups[-1] and used + 4 * k * k > BUDGET_BYTES:
+            groups.append([])
+            used = 0
+        groups[-1].append(path)
+        used += 4 * k * k
+    return groups
+
+
+def _check_paths(model: torch.nn.Module, paths: Sequence[str]) -> None:
+    for path in paths:
+        try:
+            module = model.get_submodule(path)
+        except AttributeError:
+            raise CalibrationError(f"no module {path!r} in the model to calibrate") from None
+        weight = getattr(module, "weight", None)
+        if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+            raise CalibrationError(f"module {path!r} has no 2-d weight to calibrate for")
+
+
+def collect_stats(model: torch.nn.Module, paths: Sequence[str], tokens: torch.Tensor,
+                  seq_len: int, *, rows: int = 512, seed: int = 0, progress: bool = True
+                  ) -> Iterator[dict[str, ActivationStats]]:
+    """Statistics of the input of each module in ``paths`` (linear layers: ``weight`` [N, K]),
+    over ``tokens`` cut in windows of ``seq_len``; yields them a group of layers at a time."""
+    _check_paths(model, paths)
+    windows = tokens[: tokens.numel() // seq_len * seq_len].view(-1, seq_len)
+    if not len(windows):
+        raise CalibrationError(f"calibration text shorter than one window of {seq_len} tokens")
+    groups = _groups(model, paths)
+    for i, group in enumerate(groups):
+        desc = "llmcompile: calibrating" + (f" ({i + 1}/{len(groups)})" if len(groups) > 1
+                                            else "")
+        yield _run_group(model, group, windows, max(1, rows // len(windows)), seed,
+                         desc if progress else None)
+
+
+def _run_group(model: torch.nn.Module, group: list[str], windows: torch.Tensor,
+               rows_per_window: int, seed: int, desc: str | None
+               ) -> dict[str, ActivationStats]:
+    running = {p: _Running(model.get_submodule(p).weight.shape[1], rows_per_window)
+               for p in group}
+    generator = torch.Generator().manual_seed(seed)
+    seen: set[str] = set()
+
+    def hook(path):
+        def record(module, args, kwargs):
+            x = args[0] if args else next(iter(kwargs.values()))
+            running[path].add(x, generator)
+            seen.add(path)
+            if len(seen) == len(running):
+                raise _GroupDone
+        return record
+
+    device = next(model.parameters()).device
+    handles = [model.get_submodule(p).register_forward_pre_hook(hook(p), with_kwargs=True)
+               for p in group]
+    try:
+        with torch.no_grad():
+            for window in tqdm(windows, desc=desc, disable=desc is None):
+                seen.clear()
+                with contextlib.suppress(_GroupDone):
+                    model(input_ids=window[None].to(device), use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    missing = [p for p, r in running.items() if r.count == 0]
+    if missing:
+        raise CalibrationError(f"layers {missing[:4]} never ran in the model's forward")
+    return {p: r.result() for p, r in running.items()}
