@@ -64,13 +64,11 @@ def main() -> None:
                            cache_implementation="static")
     else:
         import llmcompile
+        from llmcompile.core.stages import table
+
         llmcompile.generate(model, ids, args.recipe, max_new_tokens=args.new_tokens,
                             tokenizer=tokenizer)
-        try:
-            from llmcompile.core.profile import stage_table
-            result["stages"] = stage_table()
-        except ImportError:
-            pass
+        result["stages"] = table()
     result["load_s"] = round(loaded, 2)
     result["first_tokens_s"] = round(time.perf_counter() - start, 2)
     if args.second_prompt:

@@ -29,6 +29,7 @@ from typing import Any
 import torch.fx as fx
 
 from .analysis.delta import CostObserver
+from .core import stages
 from .core.pipeline import Report, UserRules, run_pipeline
 from .core.program import Collector, capture_dynamo, mutated_inputs, publish_compiled
 from .core.recipe import Recipe, RecipeError
@@ -108,11 +109,13 @@ def compile_graph(gm: fx.GraphModule, example_inputs: Sequence[Any], recipe: Rec
     and a report whose ``fallback`` names the step and the cause; otherwise raises."""
     report, stage = Report(recipe.name), "capture"
     try:
-        program = capture_dynamo(gm, example_inputs)
+        with stages.stage("capture"):
+            program = capture_dynamo(gm, example_inputs)
         program.context["tokenizer"] = flags.get("tokenizer")
         program.context["target"] = recipe.target
         stage = "pipeline"
-        report = run_pipeline(program, recipe, observe=CostObserver())
+        with stages.stage("rewrite"):
+            report = run_pipeline(program, recipe, observe=CostObserver())
         placeholders = [n for n in program.graph.nodes if n.op == "placeholder"]
         written = mutated_inputs(program.graph)
         mutated = [i for i, n in enumerate(placeholders) if n in written]
@@ -152,7 +155,8 @@ def llmcompile_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], *,
     log.warning("llmcompile: %s failed, so this graph runs on plain Inductor instead "
                 "(fallback %d in this process; options={'fallback': False} raises): %s",
                 what, len(_fallbacks), report.fallback)
-    compiled = plain_inductor(gm, example_inputs, mode, cpp_wrapper=flags["cpp_wrapper"])
+    with stages.stage("inductor"):
+        compiled = plain_inductor(gm, example_inputs, mode, cpp_wrapper=flags["cpp_wrapper"])
     publish_compiled(gm, example_inputs, compiled)
     return compiled
 

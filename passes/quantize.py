@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from llmcompile import ops, quant
+from llmcompile.core import stages
 from llmcompile.core.program import tensor_key
 from llmcompile.core.recipe import PassConfig, RecipeError
 from llmcompile.core.rewrite import apply_rules
@@ -279,6 +280,7 @@ class QuantizeConfig(PassConfig):
             if act is None and self.method != "rtn":
                 raise RuntimeError(f"{layer}: calibrated layer reached unsolved")  # a bug
             found = self._quantize(w, act, onnx)
+            stages.count("quant layers solved")
             store.save(key, found, {"layer": layer, "config": _describe(self)})
             _CACHE[key] = found
         return found
@@ -345,6 +347,7 @@ def _known(key: str) -> dict[str, Any] | None:
         found = store.load(key)
         if found is None:
             return None
+        stages.count("quant layers loaded")
         _CACHE[key] = found
     return _CACHE[key]
 

@@ -21,6 +21,7 @@ import torch
 import torch.fx as fx
 
 from .. import _compat
+from . import stages
 from .canonicalize import VIEW_OPS
 
 __all__ = ["CompiledGraph", "Collector", "Program", "add_seconds", "capture_dynamo",
@@ -116,9 +117,11 @@ class Program:
     #: wall seconds of stages that passes time themselves (``calibration``), summed
     seconds: dict[str, float] = field(default_factory=dict, repr=False)
 
+    @contextlib.contextmanager
     def timed(self, stage: str):
-        """Add the wall time of the block to ``seconds[stage]``."""
-        return add_seconds(self.seconds, stage)
+        """Add the wall time of the block to ``seconds[stage]`` (and the process's table)."""
+        with stages.stage(stage), add_seconds(self.seconds, stage):
+            yield
 
     @property
     def graph(self) -> fx.Graph:

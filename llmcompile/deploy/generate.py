@@ -32,6 +32,7 @@ from typing import Any
 import torch
 
 from .. import _compat
+from ..core import stages
 from ..core.program import collect_compiled
 from ..core.recipe import Recipe, RecipeError
 from ..quant.calibrate import register_model
@@ -340,8 +341,11 @@ class Session:
                              f"of {ids.shape[0]}")
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
-        with _compat.recompile_limit(_RECOMPILES):
-            return self._generate(ids, max_new_tokens, eos_token_id)
+        try:
+            with _compat.recompile_limit(_RECOMPILES):
+                return self._generate(ids, max_new_tokens, eos_token_id)
+        finally:
+            stages.report()  # LLMCOMPILE_PROFILE=1: where the compile time went
 
     def _generate(self, ids, max_new_tokens, eos_token_id):
         prompt = ids.shape[1]

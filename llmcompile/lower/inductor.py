@@ -18,6 +18,7 @@ from typing import Any
 import torch.fx as fx
 
 from .. import _compat
+from ..core import stages
 from ..core.canonicalize import canonicalize
 from ..core.program import Program
 from ..core.rewrite import Stats, apply_rules
@@ -110,12 +111,14 @@ def compile_inductor(program: Program, example_inputs: Sequence[Any], *, mode: s
     (no per-kernel Python cost; worth it for decode steps, which run many small kernels).
     Small static CPU matmuls and attentions (decode) run llmcompile's own kernels
     (:mod:`.gemv`, :mod:`.decode_attention`)."""
-    if (lower_sparse_attention(program) + lower_decode_attention(program)
-            + lower_cpu_gemv(program)):
-        program.recompile()
-        _mark_lowerings_cacheable()
-    return _compat.compile_fx(program.gm, example_inputs,
-                              _patches(mode, post_grad, fingerprint, cpp_wrapper))
+    with stages.stage("lower"):
+        if (lower_sparse_attention(program) + lower_decode_attention(program)
+                + lower_cpu_gemv(program)):
+            program.recompile()
+            _mark_lowerings_cacheable()
+    with stages.stage("inductor"):
+        return _compat.compile_fx(program.gm, example_inputs,
+                                  _patches(mode, post_grad, fingerprint, cpp_wrapper))
 
 
 def plain_inductor(gm: fx.GraphModule, example_inputs: Sequence[Any], mode: str | None = None,

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+from ..core import stages
 from . import cpu
 
 __all__ = ["MAX_ROWS", "available", "load", "vector_width"]
@@ -95,13 +96,9 @@ def load() -> bool:
             log.warning("llmcompile: building the CPU decode kernels (once per machine, "
                         "15-30 s) in %s", where)
         try:
-            from torch.utils import cpp_extension
-
             where.mkdir(parents=True, exist_ok=True)
-            cpp_extension.load(name, [str(s) for s in _SOURCES], build_directory=str(where),
-                               extra_cflags=["-O3", f"-march={_march()}", "-fopenmp"],
-                               extra_ldflags=["-fopenmp"], is_python_module=False,
-                               verbose=False)
+            with stages.stage("kernel build" if not built else "kernel load"):
+                _build(name, where)
             _register_fakes()
         except Exception as e:  # no compiler, no headers...: ATen keeps the decode matmuls
             log.warning("llmcompile: CPU decode kernels unavailable, decode matmuls stay on "
@@ -109,6 +106,14 @@ def load() -> bool:
             return False
         _state["ok"] = True
         return True
+
+
+def _build(name: str, where: Path) -> None:
+    from torch.utils import cpp_extension
+
+    cpp_extension.load(name, [str(s) for s in _SOURCES], build_directory=str(where),
+                       extra_cflags=["-O3", f"-march={_march()}", "-fopenmp"],
+                       extra_ldflags=["-fopenmp"], is_python_module=False, verbose=False)
 
 
 def available() -> bool:
