@@ -8,8 +8,6 @@ forwards and checks that the greedy tokens are identical.
 """
 
 import argparse
-import os
-import tempfile
 import time
 
 import torch
@@ -24,7 +22,6 @@ def main() -> None:
     parser.add_argument("--tiny", action="store_true", help="use a tiny random Llama")
     parser.add_argument("--new-tokens", type=int, default=24)
     args = parser.parse_args()
-    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="llmc-quick-"))
 
     if args.tiny:
         model, tokenizer = tiny_model("llama"), None

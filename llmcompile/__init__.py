@@ -9,6 +9,7 @@ Public API (everything else may move):
   generate                  -- greedy generation through compiled graphs (self-speculative with
                                an early-exit recipe); prompt + new token ids, like HF generate
   export                    -- write an ONNX file (KV-cache I/O, contrib ops) for deployment
+  save_artifacts, load_artifacts -- ship compiled graphs + quantized weights (warm start)
   OnnxCausalLM              -- run such a file (greedy generation) with onnxruntime
   SinkCache                 -- a bounded KV cache (attention sinks + sliding window) for generate
   Recipe, RecipeError, load_recipe, presets
@@ -34,8 +35,8 @@ __version__ = "0.1.0"
 __all__ = [
     "Match", "PassConfig", "Recipe", "RecipeError", "Reject", "Report", "Rule", "RuleSet",
     "OnnxCausalLM", "SinkCache", "UserRules", "compile", "cost", "explain", "export",
-    "generate",
-    "load_recipe", "ops", "presets",
+    "generate", "load_artifacts",
+    "load_recipe", "ops", "presets", "save_artifacts",
 ]
 
 
@@ -87,6 +88,23 @@ def generate(model: Any, input_ids: Any, recipe: Any = None, *, max_new_tokens: 
     ids, stats = _generate(model, input_ids, recipe, max_new_tokens=max_new_tokens,
                            eos_token_id=eos_token_id, tokenizer=tokenizer)
     return (ids, stats) if return_stats else ids
+
+
+def save_artifacts(path: Any) -> dict[str, int]:
+    """Write everything this process compiled (torch's compile caches, quantization artifacts,
+    the CPU kernels' build) to a folder, for a warm start on another machine of the same kind;
+    see :mod:`llmcompile.deploy.artifacts`."""
+    from .deploy.artifacts import save_artifacts as _save
+
+    return _save(path)
+
+
+def load_artifacts(path: Any) -> dict[str, int]:
+    """Load a folder written by :func:`save_artifacts` into this process's caches (before
+    compiling)."""
+    from .deploy.artifacts import load_artifacts as _load
+
+    return _load(path)
 
 
 def cost(model: Any, recipe: Any = None, **kwargs: Any):

@@ -282,6 +282,9 @@ class QuantizeConfig(PassConfig):
             found = self._quantize(w, act, onnx)
             stages.count("quant layers solved")
             store.save(key, found, {"layer": layer, "config": _describe(self)})
+            # read back: the tensors a later process loads (same strides, so torch's compile
+            # caches see the same graph; memory-mapped, not a second copy)
+            found = store.load(key) or found
             _CACHE[key] = found
         return found
 

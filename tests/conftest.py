@@ -1,4 +1,5 @@
-"""Shared test setup: private Inductor cache, fresh Dynamo state per test."""
+"""Shared test setup: private Inductor and llmcompile caches (a run never reuses another's
+quantized layers or compiled graphs), fresh Dynamo state per test."""
 
 import os
 import tempfile
@@ -6,6 +7,7 @@ import tempfile
 import pytest
 
 os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="llmc-inductor-"))
+os.environ.setdefault("LLMCOMPILE_CACHE_DIR", tempfile.mkdtemp(prefix="llmc-cache-"))
 
 import torch  # noqa: E402
 

@@ -31,7 +31,7 @@ import torch
 from ..core import stages
 from . import cpu
 
-__all__ = ["MAX_ROWS", "available", "load", "vector_width"]
+__all__ = ["MAX_ROWS", "available", "build_folder", "load", "vector_width"]
 
 log = logging.getLogger("llmcompile")
 
@@ -53,6 +53,11 @@ def _build_dir() -> tuple[str, Path]:
     name = f"llmcompile_cpu_{key.hexdigest()[:12]}"
     root = Path(os.environ.get("LLMCOMPILE_CACHE_DIR") or Path.home() / ".cache" / "llmcompile")
     return name, root / "kernels" / name
+
+
+def build_folder() -> Path:
+    """Where this machine's build of the kernels lives (``save_artifacts`` ships it)."""
+    return _build_dir()[1]
 
 
 def _march() -> str:

@@ -104,8 +104,9 @@ def register_model(model: Any) -> None:
 
 
 def _owns(module: Any, program) -> bool:
-    """True when every weight of the program with a source is ``module``'s parameter or buffer
-    at that path (the same memory)."""
+    """True when the program's weights are ``module``'s parameters and buffers at their paths
+    (the same memory); sources the module does not have (constants ``torch.export`` lifted)
+    are not counted."""
     if not isinstance(module, torch.nn.Module):
         return False
     tensors = dict(module.named_parameters(remove_duplicate=False))
@@ -115,7 +116,9 @@ def _owns(module: Any, program) -> bool:
         weight, own = program.weights.get(name), tensors.get(path)
         if weight is None:
             continue
-        if own is None or tensor_key(own) != tensor_key(weight):
+        if own is None:
+            continue
+        if tensor_key(own) != tensor_key(weight):
             return False
         checked += 1
     return checked > 0

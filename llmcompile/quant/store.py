@@ -29,12 +29,14 @@ from typing import Any
 import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
-__all__ = ["Entry", "artifact_key", "cache_root", "clear", "digest", "entries", "load", "save",
-           "size_bytes"]
+__all__ = ["Entry", "artifact_key", "cache_root", "clear", "describe", "digest", "entries",
+           "file_of", "load", "save", "size_bytes", "used"]
 
 log = logging.getLogger("llmcompile")
 
 _SUFFIX = ".safetensors"
+#: keys loaded or written by this process (``save_artifacts`` ships them)
+used: set[str] = set()
 
 
 def cache_root() -> Path:
@@ -86,22 +88,36 @@ def _path(key: str) -> Path:
     return _folder() / key[:2] / f"{key}{_SUFFIX}"
 
 
+def file_of(key: str) -> Path:
+    """Where the artifact of ``key`` is (or would be) stored."""
+    return _path(key)
+
+
 def load(key: str) -> dict[str, Any] | None:
     """The artifact stored under ``key`` (tensors memory-mapped), or None."""
-    path = _path(key)
+    path = file_of(key)
     if not path.exists():
         return None
     from safetensors import safe_open
 
     try:
         with safe_open(str(path), framework="pt") as f:
-            out: dict[str, Any] = {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118
+            out: dict[str, Any] = {name: _aligned(f.get_tensor(name))
+                                   for name in f.keys()}  # noqa: SIM118
             out.update(json.loads((f.metadata() or {}).get("values", "{}")))
     except Exception as e:  # a truncated or foreign file: recompute (and overwrite) it
         log.warning("llmcompile: ignoring unreadable cache file %s (%s)", path, e)
         return None
     os.utime(path)  # recently used: the size cap evicts others first
+    used.add(key)
     return out
+
+
+def _aligned(tensor: torch.Tensor) -> torch.Tensor:
+    """The tensor itself (memory-mapped) where it starts on a 64-byte boundary, else a copy:
+    the packed kernels read whole vectors with aligned loads (a file's tensors are aligned to
+    8 bytes only)."""
+    return tensor if tensor.data_ptr() % 64 == 0 else tensor.clone()
 
 
 def save(key: str, artifact: dict[str, Any], meta: dict[str, str] | None = None) -> None:
@@ -111,13 +127,14 @@ def save(key: str, artifact: dict[str, Any], meta: dict[str, str] | None = None)
     tensors = {k: v.detach().cpu().contiguous() for k, v in artifact.items()
                if isinstance(v, torch.Tensor)}
     values = {k: v for k, v in artifact.items() if not isinstance(v, torch.Tensor)}
-    path = _path(key)
+    path = file_of(key)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
     os.close(fd)
     try:
         save_file(tensors, tmp, metadata={"values": json.dumps(values), **(meta or {})})
         os.replace(tmp, path)
+        used.add(key)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)

@@ -67,6 +67,21 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cache(args: argparse.Namespace) -> int:
+    from ..quant import store
+
+    found = store.entries()
+    if args.action == "list":
+        for entry in found:
+            print(store.describe(entry))
+    if args.action in ("list", "size"):
+        print(f"{len(found)} quantized layers, {sum(e.size for e in found) / 2**20:.1f} MiB in "
+              f"{store.cache_root() / 'quant'} (cap: LLMCOMPILE_CACHE_MAX_GB, default 20)")
+    if args.action == "clear":
+        print(f"removed {store.clear()} quantized layers from {store.cache_root() / 'quant'}")
+    return 0
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="llmcompile", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -87,6 +102,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--distilled", action="store_true",
                    help="with --exits: also train (or load) a distilled exit head per layer")
     p.set_defaults(func=_explain)
+
+    p = sub.add_parser("cache", help="quantization artifacts stored under "
+                       "$LLMCOMPILE_CACHE_DIR: list, size, clear")
+    p.add_argument("action", choices=["list", "size", "clear"])
+    p.set_defaults(func=_cache)
 
     p = sub.add_parser("recipes", help="list the shipped presets, or print one as TOML")
     p.add_argument("name", nargs="?")

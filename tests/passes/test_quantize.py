@@ -208,3 +208,32 @@ def test_float32_activation_path_of_the_packed_kernels_is_exact_to_its_dequantiz
     assert sz.dtype == torch.float32
     torch.testing.assert_close(ops.int4_linear(x, packed, sz, 64), x @ q4.dequantize().T,
                                rtol=1e-4, atol=1e-3)
+
+
+class _ByteTokenizer:
+    def __call__(self, text, return_tensors=None):
+        return type("Encoded", (), {"input_ids": torch.tensor([list(text.encode())[:4096]])})()
+
+
+@pytest.mark.parametrize("compile_what", ["module", "forward"])
+def test_calibrated_quantization_under_plain_torch_compile(compile_what, tmp_path, monkeypatch):
+    """torch.compile(model or model.forward, backend="llmcompile") with a calibrated recipe:
+    the model is found from Dynamo's frame, calibrated on the text (not the call), and a
+    1-token first call works."""
+    from llmcompile.backend import collect_reports
+    from llmcompile.tools.models import tiny_model
+
+    monkeypatch.setenv("LLMCOMPILE_CACHE_DIR", str(tmp_path))
+    model = tiny_model("llama")
+    recipe = {"target": "eager", "passes": [{"name": "quantize_weights", "bits": 4,
+              "group_size": 64, "method": "awq",
+              "calibration": {"samples": 2, "seq_len": 64}}]}
+    target = model if compile_what == "module" else model.forward
+    fn = torch.compile(target, backend="llmcompile",
+                       options={"recipe": recipe, "tokenizer": _ByteTokenizer(),
+                                "fallback": False})
+    with collect_reports() as reports, torch.no_grad():
+        out = fn(input_ids=torch.tensor([[5]]), use_cache=False).logits
+        ref = model(input_ids=torch.tensor([[5]]), use_cache=False).logits
+    assert reports and reports[0].fired("int4_linear") == 15  # 2 layers x 7 linears + head
+    assert (out - ref).abs().max() < 0.2 * ref.abs().max()  # int4-rtn's bound above
