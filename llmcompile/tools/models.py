@@ -15,8 +15,8 @@ import torch
 from .. import _compat
 from .zoo import EXCLUDED, ZOO, ZOO_OVERRIDES
 
-__all__ = ["ARCHITECTURES", "greedy_generate", "load_smollm2", "smollm2_folder", "tiny_config",
-           "tiny_model"]
+__all__ = ["ARCHITECTURES", "SCALE_CONFIGS", "greedy_generate", "load_smollm2", "scale_model",
+           "smollm2_folder", "tiny_config", "tiny_model"]
 
 _COMMON = dict(num_hidden_layers=2, hidden_size=64, num_attention_heads=4, vocab_size=256,
                bos_token_id=1, eos_token_id=2)
@@ -89,6 +89,35 @@ def load_smollm2(dtype: torch.dtype = torch.float32):
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
     model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=dtype)
     return model.eval(), tokenizer
+
+
+#: random-weight models of real shapes, for cost and speed at scale (SmolLM2's tokenizer and
+#: vocabulary, so calibration text and prompts work as with SmolLM2)
+SCALE_CONFIGS: dict[str, dict[str, Any]] = {
+    # TinyLlama-1.1B's shape: 22 layers, hidden 2048, GQA 32/4, SwiGLU 5632
+    "tinyllama": dict(model_type="llama", hidden_size=2048, intermediate_size=5632,
+                      num_hidden_layers=22, num_attention_heads=32, num_key_value_heads=4,
+                      max_position_embeddings=2048, rms_norm_eps=1e-5, rope_theta=10000.0,
+                      tie_word_embeddings=False),
+}
+
+
+def scale_model(name: str, seed: int = 0):
+    """(model, tokenizer): a random-weight float32 model of a real shape (:data:`SCALE_CONFIGS`)
+    with SmolLM2's tokenizer and vocabulary."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    if name not in SCALE_CONFIGS:
+        raise ValueError(f"unknown scale model {name!r}; known: {', '.join(SCALE_CONFIGS)}")
+    folder = smollm2_folder()
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=sorted(folder.glob("*.gguf"))[0]
+                                              .name)
+    fields = dict(SCALE_CONFIGS[name])
+    config = AutoConfig.for_model(fields.pop("model_type"), vocab_size=len(tokenizer),
+                                  bos_token_id=tokenizer.bos_token_id,
+                                  eos_token_id=tokenizer.eos_token_id, **fields)
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(config).eval(), tokenizer
 
 
 def greedy_generate(model, forward, ids: torch.Tensor, new_tokens: int) -> list[int]:
