@@ -43,6 +43,8 @@ def main() -> None:
     p.add_argument("--prompt-tokens", type=int, default=11)
     p.add_argument("--second-prompt", type=int, default=0,
                    help="then generate after a prompt of this length, and time it apart")
+    p.add_argument("--decode", type=int, default=0,
+                   help="then time a warm generation of this many tokens (tokens/s)")
     p.add_argument("--anchor", action="store_true",
                    help="plain torch.compile (Inductor) under HF generate, static cache")
     args = p.parse_args()
@@ -82,6 +84,10 @@ def main() -> None:
             llmcompile.generate(model, ids2, args.recipe, max_new_tokens=args.new_tokens,
                                 tokenizer=tokenizer)
         result["second_prompt_s"] = round(time.perf_counter() - start, 2)
+    if args.decode and not args.anchor:
+        _, stats = llmcompile.generate(model, ids, args.recipe, max_new_tokens=args.decode,
+                                       tokenizer=tokenizer, return_stats=True)
+        result["decode_tok_s"] = round(stats.tokens_per_s, 1)
     result["rss_loaded_gb"] = round(rss_loaded, 3)
     result["peak_rss_gb"] = round(_peak_rss_gb(), 3)
     print(json.dumps(result))

@@ -75,7 +75,7 @@ def _patches(mode: str | None, post_grad: RuleSet | None, fingerprint: str,
              cpp_wrapper: bool = False) -> dict[str, Any]:
     patches = _compat.mode_options(mode)
     if cpp_wrapper:
-        patches["cpp_wrapper"] = True
+        patches.update(_compat.cpp_wrapper_options())
     if post_grad is not None and len(post_grad):
         existing = _compat.inductor_config.post_grad_custom_post_pass
         patches["post_grad_custom_post_pass"] = PostGradRules(post_grad, fingerprint, existing)
@@ -126,5 +126,5 @@ def plain_inductor(gm: fx.GraphModule, example_inputs: Sequence[Any], mode: str 
     """What ``torch.compile`` would do without llmcompile (the fallback)."""
     patches = _compat.mode_options(mode)
     if cpp_wrapper:
-        patches["cpp_wrapper"] = True
+        patches.update(_compat.cpp_wrapper_options())
     return _compat.compile_fx(gm, example_inputs, patches)
