@@ -35,6 +35,20 @@ def _load(name: str):
     return scale_model(name)
 
 
+def _generate(model, tokenizer, ids: torch.Tensor, args) -> None:
+    """``args.new_tokens`` greedy tokens: HF generate (static cache) for the anchor, else
+    ``llmcompile.generate``."""
+    if args.anchor:
+        with torch.no_grad():
+            model.generate(ids, max_new_tokens=args.new_tokens, do_sample=False,
+                           cache_implementation="static")
+        return
+    import llmcompile
+
+    llmcompile.generate(model, ids, args.recipe, max_new_tokens=args.new_tokens,
+                        tokenizer=tokenizer)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="smollm2", help="smollm2, tinyllama or gemma3-270m")
@@ -61,30 +75,21 @@ def main() -> None:
               "prompt_tokens": ids.shape[1], "new_tokens": args.new_tokens}
     if args.anchor:
         model.forward = torch.compile(model.forward)
-        with torch.no_grad():
-            model.generate(ids, max_new_tokens=args.new_tokens, do_sample=False,
-                           cache_implementation="static")
-    else:
-        import llmcompile
+    _generate(model, tokenizer, ids, args)
+    if not args.anchor:
         from llmcompile.core.stages import table
 
-        llmcompile.generate(model, ids, args.recipe, max_new_tokens=args.new_tokens,
-                            tokenizer=tokenizer)
         result["stages"] = table()
     result["load_s"] = round(loaded, 2)
     result["first_tokens_s"] = round(time.perf_counter() - start, 2)
     if args.second_prompt:
-        ids2 = tokenizer(text, return_tensors="pt").input_ids[:, : args.second_prompt]
         start = time.perf_counter()
-        if args.anchor:
-            with torch.no_grad():
-                model.generate(ids2, max_new_tokens=args.new_tokens, do_sample=False,
-                               cache_implementation="static")
-        else:
-            llmcompile.generate(model, ids2, args.recipe, max_new_tokens=args.new_tokens,
-                                tokenizer=tokenizer)
+        _generate(model, tokenizer, tokenizer(text, return_tensors="pt").input_ids[
+            :, : args.second_prompt], args)
         result["second_prompt_s"] = round(time.perf_counter() - start, 2)
     if args.decode and not args.anchor:
+        import llmcompile
+
         _, stats = llmcompile.generate(model, ids, args.recipe, max_new_tokens=args.decode,
                                        tokenizer=tokenizer, return_stats=True)
         result["decode_tok_s"] = round(stats.tokens_per_s, 1)
