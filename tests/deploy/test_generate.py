@@ -191,3 +191,28 @@ def test_adaptive_switching_stays_token_for_token(model, prompt, reference, monk
     assert torch.equal(ids, reference)
     assert stats.plain_steps > 0 and stats.verifications > 0
     assert "decoded without drafting" in stats.format()
+
+
+@pytest.mark.parametrize("recipe", ["default", "int8", "int4-rtn", "window", "speculative"])
+def test_every_preset_takes_a_one_token_prompt_and_new_lengths_compile_nothing(model, recipe):
+    """A 1-token prompt runs the decode step; the prefill is compiled once for every later
+    length; lossless recipes keep HF's greedy tokens."""
+    from llmcompile import _compat
+
+    if recipe == "speculative":  # the early-exit preset's settings, for a 4-layer model
+        recipe = _recipe("inductor", layers=[2], head="shared", mode="speculative",
+                         draft_tokens=2)
+    torch._dynamo.reset()
+    lengths = (1, 9, 5, 17)
+    for i, n in enumerate(lengths):
+        ids = torch.randint(3, 256, (1, n), generator=torch.Generator().manual_seed(n))
+        out = llmcompile.generate(model, ids, recipe, max_new_tokens=4)
+        assert out.shape == (1, n + 4)
+        if i == 1:
+            graphs = _compat.dynamo_counters()[0]  # step (+ draft, verify) and the prefill
+        if recipe in ("default", "window") or not isinstance(recipe, str):
+            with torch.no_grad():
+                want = model.generate(ids, max_new_tokens=4, do_sample=False,
+                                      eos_token_id=None, pad_token_id=0)
+            assert out.tolist() == want.tolist(), (recipe, n)
+    assert _compat.dynamo_counters()[0] == graphs  # lengths 5 and 17 compiled nothing
