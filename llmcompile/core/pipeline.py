@@ -110,6 +110,8 @@ class Report:
     folded: int = 0
     #: bytes of weights the rewritten graph reads (packed constants + weights still used)
     weight_bytes: int = 0
+    #: nodes of the rewritten graph (its size: what the lowering compiles)
+    nodes: int = 0
     #: why this graph runs on plain Inductor instead of the recipe (None: it did not fall back)
     fallback: str | None = None
     #: where the fallback happened: "capture", "pipeline" or "lower"
@@ -130,7 +132,7 @@ class Report:
 
     def format(self, misses: int = 3, quiet: bool = True) -> str:
         """A readable summary; ``quiet`` hides rules that neither fired nor nearly matched."""
-        lines = [f"recipe {self.recipe!r}"]
+        lines = [f"recipe {self.recipe!r}" + (f", {self.nodes} nodes" if self.nodes else "")]
         for run in self.runs:
             lines.append(f"  [{run.phase}] {run.name}  ({run.seconds * 1000:.0f} ms)")
             if run.cost is not None:
@@ -192,6 +194,7 @@ def run_pipeline(program: Program, recipe: Recipe,
     eliminate_dead_code(program.graph)
     program.recompile()
     report.weight_bytes = _weight_bytes(program)
+    report.nodes = len(program.graph.nodes)
     if observe is not None:
         report.cost = observe(program, "cleanup")
     _dump(program, "cleanup", len(recipe.passes) + 1)

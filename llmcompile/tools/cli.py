@@ -36,6 +36,9 @@ def _explain(args: argparse.Namespace) -> int:
     fell = sum(r.fallback is not None for r in reports)
     if fell:
         print(f"{fell} of {len(reports)} graph(s) would fall back to plain Inductor")
+    from ..core.stages import format_table
+
+    print(format_table())  # where this command's time went, torch's cache hits
     return 0
 
 
