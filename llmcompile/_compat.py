@@ -1,6 +1,6 @@
 """Every private torch API, and every transformers difference between versions, in one place.
 
-Supported: torch 2.11 – 2.13, transformers 5.0 – 5.x. Keep this module small: if a release moves
+Supported: torch 2.11 – 2.14, transformers 5.0 – 5.x. Keep this module small: if a release moves
 one of these, only this file changes (tests/core/test_compat.py names the versions).
 """
 

@@ -15,7 +15,7 @@ TRANSFORMERS = Version(transformers.__version__)
 
 
 def test_supported_versions():
-    assert Version("2.11") <= TORCH < Version("2.14"), torch.__version__
+    assert Version("2.11") <= TORCH < Version("2.15"), torch.__version__
     assert Version("5.23") <= TRANSFORMERS, transformers.__version__
 
 
