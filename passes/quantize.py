@@ -44,6 +44,7 @@ from llmcompile.quant import calibrate, store
 from llmcompile.quant.calibrate import CalibrationError, calibration_tokens, collect_stats
 
 GROUP_SIZES = (32, 64, 128)
+_LAYOUT = ("kernel_nibbles", "kernel_scale", "kernel_low")  # int4 decode kernel, stored
 CALIBRATION_KEYS = {"samples": 16, "seq_len": 256, "text": ""}
 #: solved layers by artifact key (:mod:`llmcompile.quant.store`): the graphs of one model
 #: (prefill, decode step...) share one copy in a process; files serve the next process
@@ -285,7 +286,7 @@ class QuantizeConfig(PassConfig):
             # read back: the tensors a later process loads (same strides, so torch's compile
             # caches see the same graph; memory-mapped, not a second copy)
             found = store.load(key) or found
-            _CACHE[key] = found
+            _CACHE[key] = found = _register_layout(found)
         return found
 
     def _quantize(self, w: torch.Tensor, act, onnx: bool) -> dict[str, Any]:
@@ -316,6 +317,8 @@ class QuantizeConfig(PassConfig):
         else:
             packed, sz = wq.pack_cpu(cpu.packed_activation_dtype())
             out = {"packed": packed, "scales_zeros": sz, "group_size": self.group_size}
+            if self.group_size % 64 == 0:  # the decode kernel's layout, stored beside
+                out.update(zip(_LAYOUT, cpu.int4_kernel_layout(wq.q, sz, self.group_size)))
         if scales is not None:
             out["inv_scale"] = (1.0 / scales).to(w.dtype)
         return out
@@ -345,14 +348,24 @@ def _eligible(program) -> list:
 
 
 def _known(key: str) -> dict[str, Any] | None:
-    """A solved layer already in this process or in the artifact store."""
+    """A solved layer already in this process or in the artifact store (its replacement's
+    arguments; a stored int4 decode-kernel layout is registered for the lowering)."""
     if key not in _CACHE:
         found = store.load(key)
         if found is None:
             return None
         stages.count("quant layers loaded")
-        _CACHE[key] = found
+        _CACHE[key] = _register_layout(found)
     return _CACHE[key]
+
+
+def _register_layout(found: dict[str, Any]) -> dict[str, Any]:
+    """Hand the int4 decode kernel's stored layout to the lowering (keyed by the ATen pack it
+    belongs to: no unpacking at compile time); the rest are the replacement's arguments."""
+    layout = [found.pop(name, None) for name in _LAYOUT]
+    if all(t is not None for t in layout) and "packed" in found:
+        cpu.INT4_LAYOUTS[found["packed"]] = tuple(layout)
+    return found
 
 
 def _describe(config: QuantizeConfig) -> str:

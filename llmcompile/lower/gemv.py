@@ -24,9 +24,8 @@ import math
 
 import torch
 import torch.fx as fx
-from torch.utils.weak import WeakIdKeyDictionary
 
-from ..ops import kernels
+from ..ops import cpu, kernels
 
 __all__ = ["gemv_f32", "gemv_int4", "gemv_int8", "lower_cpu_gemv", "unpack_int4"]
 
@@ -57,8 +56,7 @@ def gemv_int4(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, low: torch.
     return y if bias is None else y + bias
 
 
-#: ATen int4 pack -> (nibbles, scale, low), while the pack lives (decode graphs share them)
-_UNPACKED: WeakIdKeyDictionary = WeakIdKeyDictionary()
+_UNPACKED = cpu.INT4_LAYOUTS  # ATen int4 pack -> (nibbles, scale, low), while it lives
 
 
 def unpack_int4(packed: torch.Tensor, scales_zeros: torch.Tensor, group_size: int
@@ -75,14 +73,7 @@ def unpack_int4(packed: torch.Tensor, scales_zeros: torch.Tensor, group_size: in
         eye = torch.eye(k, dtype=torch.bfloat16)
         q = torch.ops.aten._weight_int4pack_mm_for_cpu(eye, packed, group_size, unit)
         q = q.float().round().to(torch.uint8).T.contiguous()  # [N, K], values 0..15
-        groups = q.view(n, k // group_size, group_size)
-        half = group_size // 2
-        nib = (groups[..., :half] | (groups[..., half:] << 4)).reshape(n, k // 2).contiguous()
-        sz = scales_zeros.float()  # [K/G, N, 2]
-        # float16: 4 bytes a group of 64 (0.06 a weight) against 8 in float32; its rounding
-        # (2^-11 relative) is far below the int4 step
-        scale = sz[..., 0].T.contiguous().half()
-        low = (sz[..., 1] - 8.0 * sz[..., 0]).T.contiguous().half()
+        nib, scale, low = cpu.int4_kernel_layout(q, scales_zeros, group_size)
     _UNPACKED[packed] = (nib, scale, low)
     return nib, scale, low
 

@@ -17,6 +17,7 @@ import os
 from pathlib import Path
 
 import torch
+from torch.utils.weak import WeakIdKeyDictionary
 
 __all__ = ["capability", "cpu_flags", "describe", "packed_activation_dtype",
            "packed_kernels_pay"]
@@ -63,3 +64,26 @@ def packed_activation_dtype() -> torch.dtype:
             raise ValueError(f"LLMCOMPILE_PACKED_DTYPE={forced!r}: use float32 or bfloat16")
         return getattr(torch, forced)
     return torch.bfloat16
+
+
+#: ATen int4 pack -> the int4 decode kernel's layout (nibbles, scale, low), while the pack
+#: lives: filled by the quantize pass from its stored artifacts (no unpacking) or by
+#: :func:`llmcompile.lower.gemv.unpack_int4`; decode graphs of one model share them
+INT4_LAYOUTS: WeakIdKeyDictionary = WeakIdKeyDictionary()
+
+
+def int4_kernel_layout(q: torch.Tensor, scales_zeros: torch.Tensor, group_size: int
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The int4 decode kernel's layout of values ``q`` [N, K] (0..15) and ATen's
+    ``scales_zeros`` [K/G, N, 2] (``w = (q - 8) * scale + zero``): two values of a group per
+    byte (first half low nibble), float16 scale and ``low = zero - 8 * scale`` [N, K/G]."""
+    n, k = q.shape
+    groups = q.view(n, k // group_size, group_size)
+    half = group_size // 2
+    nib = (groups[..., :half] | (groups[..., half:] << 4)).reshape(n, k // 2).contiguous()
+    sz = scales_zeros.float()
+    # float16: 4 bytes a group of 64 against 8 in float32; its rounding (2^-11 relative) is
+    # far below the int4 step
+    scale = sz[..., 0].T.contiguous().half()
+    low = (sz[..., 1] - 8.0 * sz[..., 0]).T.contiguous().half()
+    return nib, scale, low

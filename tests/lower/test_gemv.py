@@ -156,3 +156,18 @@ def test_compiled_decode_uses_the_kernels_and_matches_eager(monkeypatch, tmp_pat
     assert "aten::_weight_int8pack_mm" not in names
     torch.testing.assert_close(got, want, rtol=0.05, atol=0.05)  # int8 weights vs float
     assert got.argmax(-1).equal(want.argmax(-1))
+
+
+@pytest.mark.parametrize("group", [64, 128])
+def test_stored_int4_layout_equals_unpacking_atens_pack(group):
+    """The quantize pass stores the decode kernel's layout computed from the int4 values;
+    it must be what unpacking ATen's pack gives (the lowering then skips the unpacking)."""
+    from llmcompile import quant
+    from llmcompile.lower.gemv import _UNPACKED, unpack_int4
+    from llmcompile.ops import cpu
+
+    wq = quant.quantize_int4(torch.randn(48, 256), group)
+    packed, sz = wq.pack_cpu(torch.bfloat16)
+    _UNPACKED.pop(packed, None)
+    for got, want in zip(cpu.int4_kernel_layout(wq.q, sz, group), unpack_int4(packed, sz, group)):
+        assert torch.equal(got, want)
