@@ -152,18 +152,26 @@ class Entry:
     config: str
 
 
-def entries() -> list[Entry]:
-    """Every stored artifact, most recently used first."""
+def _files() -> list[tuple[Path, int, float]]:
+    """(path, size, last use) of every stored artifact, most recently used first (no file is
+    opened: the size cap runs this after every write)."""
     out = []
     for path in _folder().glob(f"*/*{_SUFFIX}"):
         try:
             stat = path.stat()
-            meta = _metadata(path)
         except OSError:
             continue
-        out.append(Entry(path, stat.st_size, stat.st_mtime, meta.get("layer", "?"),
-                         meta.get("config", "?")))
-    return sorted(out, key=lambda e: e.used, reverse=True)
+        out.append((path, stat.st_size, stat.st_mtime))
+    return sorted(out, key=lambda f: f[2], reverse=True)
+
+
+def entries() -> list[Entry]:
+    """Every stored artifact with what it was solved for, most recently used first."""
+    out = []
+    for path, size, used in _files():
+        meta = _metadata(path)
+        out.append(Entry(path, size, used, meta.get("layer", "?"), meta.get("config", "?")))
+    return out
 
 
 def _metadata(path: Path) -> dict[str, str]:
@@ -177,23 +185,23 @@ def _metadata(path: Path) -> dict[str, str]:
 
 
 def size_bytes() -> int:
-    return sum(e.size for e in entries())
+    return sum(size for _, size, _ in _files())
 
 
 def clear() -> int:
     """Delete every stored artifact; how many."""
-    found = entries()
-    for e in found:
-        e.path.unlink(missing_ok=True)
+    found = _files()
+    for path, _, _ in found:
+        path.unlink(missing_ok=True)
     return len(found)
 
 
 def _enforce_cap() -> None:
     limit, total = _max_bytes(), 0
-    for e in entries():
-        total += e.size
+    for path, size, _ in _files():
+        total += size
         if total > limit:
-            e.path.unlink(missing_ok=True)
+            path.unlink(missing_ok=True)
 
 
 def describe(entry: Entry) -> str:
