@@ -176,8 +176,11 @@ class QuantizeConfig(PassConfig):
     def _calibration_inputs(self, program) -> tuple[torch.nn.Module, torch.Tensor]:
         """(the model to run, the calibration token ids): fixed by the recipe and the model,
         never by the call being compiled."""
-        if "calibration_inputs" not in program.context:
-            cal = {**CALIBRATION_KEYS, **self.calibration}
+        cal = {**CALIBRATION_KEYS, **self.calibration}
+        # one per calibration setting: two entries of a recipe may calibrate on other text
+        cached = program.context.setdefault("calibration_inputs", {})
+        key = (str(cal["text"]), cal["samples"] * cal["seq_len"])
+        if key not in cached:
             model = calibrate.model_for(program)
             if model is None:
                 raise RecipeError(
@@ -190,8 +193,8 @@ class QuantizeConfig(PassConfig):
                                             cal["samples"] * cal["seq_len"])
             except CalibrationError as e:
                 raise RecipeError(str(e)) from None
-            program.context["calibration_inputs"] = (model, tokens)
-        return program.context["calibration_inputs"]
+            cached[key] = (model, tokens)
+        return cached[key]
 
     def _calibrate_and_solve(self, program, nodes, keys: dict[str, str],
                              paths: dict[str, str], onnx: bool) -> None:

@@ -237,3 +237,31 @@ def test_calibrated_quantization_under_plain_torch_compile(compile_what, tmp_pat
         ref = model(input_ids=torch.tensor([[5]]), use_cache=False).logits
     assert reports and reports[0].fired("int4_linear") == 15  # 2 layers x 7 linears + head
     assert (out - ref).abs().max() < 0.2 * ref.abs().max()  # int4-rtn's bound above
+
+
+def test_each_entry_calibrates_on_its_own_settings(tmp_path, monkeypatch):
+    """Two quantize_weights entries with different calibration settings: the second uses its
+    own tokens, so its layer is the one a recipe of that entry alone solves."""
+    from llmcompile.core import stages
+    from llmcompile.tools.models import tiny_model
+
+    monkeypatch.setenv("LLMCOMPILE_CACHE_DIR", str(tmp_path))
+    head = {"name": "quantize_weights", "bits": 4, "group_size": 64, "method": "awq",
+            "seed": 7,  # no other test's layers (this process keeps solved layers by key)
+            "only": ["lm_head"], "calibration": {"samples": 2, "seq_len": 32}}
+    body = {**head, "only": [], "skip": ["lm_head"], "calibration": {"samples": 2,
+                                                                      "seq_len": 64}}
+    model = tiny_model("llama")
+
+    def solved(passes) -> int:
+        torch._dynamo.reset()
+        before = stages.table().get("quant layers solved", {}).get("count", 0)
+        fn = torch.compile(model, backend="llmcompile", options={
+            "recipe": {"target": "eager", "passes": passes}, "tokenizer": _ByteTokenizer(),
+            "fallback": False})
+        with torch.no_grad():
+            fn(input_ids=torch.tensor([[5, 6, 7]]), use_cache=False)
+        return stages.table().get("quant layers solved", {}).get("count", 0) - before
+
+    assert solved([body, head]) == 15  # 2 layers x 7 linears + the head
+    assert solved([head]) == 0  # the head as the two-entry recipe solved it
