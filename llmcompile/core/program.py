@@ -101,8 +101,6 @@ class Program:
     #: node name -> module path of the weight ("model.layers.0.mlp.up_proj.weight")
     sources: dict[str, str] = field(default_factory=dict)
     fake_mode: Any = None
-    #: the real inputs of the call being compiled (calibration reruns the graph on them)
-    example_inputs: list | None = None
     #: what passes may need beyond the graph (e.g. ``tokenizer`` for calibration)
     context: dict[str, Any] = field(default_factory=dict)
     #: stripped from module paths (a wrapper module's attribute name, e.g. ``"model."``)
@@ -255,7 +253,7 @@ def capture_dynamo(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Program
         return fx.Interpreter(gm).run(*args)
 
     traced = _compat.trace_aten(run, fake_vals, fake_mode)
-    program = Program(traced, fake_mode=fake_mode, example_inputs=list(example_inputs))
+    program = Program(traced, fake_mode=fake_mode)
     new_placeholders = [n for n in traced.graph.nodes if n.op == "placeholder"]
     mutated = mutated_inputs(traced.graph)
     names = [source_name(old) for old in placeholders]

@@ -317,15 +317,12 @@ def _export_graph(module, recipe: Recipe, path: Path, geometry: dict, tokenizer:
     the file's past / present are the first that many layers' (a draft); default all. Adds
     each stage's wall time to ``seconds``."""
     layers = geometry["layers"] if cache_layers is None else cache_layers
-    dtype, device = _dtype_device(module)
     log.info("llmcompile export: capturing %s (%d layers) with torch.export",
              type(module).__name__, geometry["layers"])
     with add_seconds(seconds, "capture"):
         program, args, dynamic = capture_program(module, geometry, cache_layers)
     program.context.update(target="onnxruntime", tokenizer=tokenizer, model=module,
                            max_positions=context_length(module.config))
-    program.example_inputs = _calibration_inputs(program, {**geometry, "layers": layers},
-                                                 dtype, device)
     log.info("llmcompile export: running recipe %r", recipe.name)
     with add_seconds(seconds, "recipe"):
         report = run_pipeline(program, recipe)
@@ -430,16 +427,6 @@ def _share_external_data(draft: Path, full: Path) -> tuple[int, int]:
         staged.unlink()
     onnx.save(model, str(draft))
     return shared, written
-
-
-def _calibration_inputs(program, geometry: dict, dtype, device, length: int = 256) -> list:
-    """Inputs a calibrated pass reruns the graph on: a prefill of ``length`` tokens."""
-    user = iter([torch.zeros(1, length, dtype=torch.long, device=device),
-                 torch.arange(length, device=device)[None],
-                 *(torch.zeros(1, geometry["kv_heads"], 0, geometry["head_dim"], dtype=dtype,
-                               device=device) for _ in range(2 * geometry["layers"]))])
-    return [program.weights[n.name] if n.name in program.weights else next(user)
-            for n in program.graph.nodes if n.op == "placeholder"]
 
 
 def _save_tokenizer(tokenizer: Any, folder: Path) -> None:
