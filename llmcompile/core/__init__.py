@@ -1,3 +1,4 @@
 """The engine, with no model or target knowledge: capture (``program``), ``canonicalize``,
 patterns and matching (``pattern``, ``matcher``, ``rules``), ``rewrite``, ``fold``,
-``pipeline`` and ``recipe``, and ``verify``. It imports nothing of llmcompile but ``_compat``."""
+``pipeline`` and ``recipe``, ``verify``, ``stages`` (where compile time goes) and ``cache``
+(the on-disk cache folder). It imports nothing of llmcompile but ``_compat``."""

@@ -15,12 +15,13 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+
+from ..core.cache import cache_root
 
 log = logging.getLogger("llmcompile")
 
@@ -51,8 +52,7 @@ def adapter_path(model, layer: int, rank: int, explicit: str = "") -> Path:
     cache folder."""
     if explicit:
         return Path(explicit.format(layer=layer))
-    root = Path(os.environ.get("LLMCOMPILE_CACHE_DIR") or Path.home() / ".cache" / "llmcompile")
-    return root / "exit-heads" / f"{_model_key(model)}-after{layer}-r{rank}.pt"
+    return cache_root() / "exit-heads" / f"{_model_key(model)}-after{layer}-r{rank}.pt"
 
 
 def load_adapter(path: str | Path, hidden: int | None = None

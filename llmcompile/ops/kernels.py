@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 
 from ..core import stages
+from ..core.cache import cache_root
 from . import cpu
 
 __all__ = ["MAX_ROWS", "available", "build_folder", "load", "vector_width"]
@@ -51,8 +52,7 @@ def _build_dir() -> tuple[str, Path]:
     key.update(" ".join(sorted(cpu.cpu_flags())).encode())
     key.update(_march().encode())
     name = f"llmcompile_cpu_{key.hexdigest()[:12]}"
-    root = Path(os.environ.get("LLMCOMPILE_CACHE_DIR") or Path.home() / ".cache" / "llmcompile")
-    return name, root / "kernels" / name
+    return name, cache_root() / "kernels" / name
 
 
 def build_folder() -> Path:

@@ -29,6 +29,8 @@ from typing import Any
 import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
+from ..core.cache import cache_root
+
 __all__ = ["Entry", "artifact_key", "cache_root", "clear", "describe", "digest", "entries",
            "file_of", "load", "save", "size_bytes", "used"]
 
@@ -37,11 +39,6 @@ log = logging.getLogger("llmcompile")
 _SUFFIX = ".safetensors"
 #: keys loaded or written by this process (``save_artifacts`` ships them)
 used: set[str] = set()
-
-
-def cache_root() -> Path:
-    """llmcompile's cache folder: ``$LLMCOMPILE_CACHE_DIR`` or ``~/.cache/llmcompile``."""
-    return Path(os.environ.get("LLMCOMPILE_CACHE_DIR") or Path.home() / ".cache" / "llmcompile")
 
 
 def _folder() -> Path:
